@@ -1,0 +1,6 @@
+//! blkstack: a userspace block-storage daemon.
+//!
+//! The crate is the library behind the `blkstack` binary. See
+//! `docs/architecture.md` for the map of modules.
+
+pub mod bench;
