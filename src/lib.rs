@@ -4,3 +4,5 @@
 //! `docs/architecture.md` for the map of modules.
 
 pub mod bench;
+pub mod block;
+pub mod runtime;

@@ -1,0 +1,144 @@
+//! The per-thread asynchronous runtime: an executor and an io_uring reactor
+//! sharing one eventfd.
+//!
+//! Every thread that performs block I/O runs one [`Runtime`]: export queue
+//! workers (driven by their own epoll loop through [`Runtime::turn`]), NBD
+//! connections and the control thread (through [`Runtime::block_on`]).
+//! Driver futures find the thread's io_uring through [`Reactor::current`].
+
+mod executor;
+mod reactor;
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::rc::Rc;
+
+pub use executor::Executor;
+pub use reactor::{Op, Reactor};
+
+/// Size of each thread's submission queue.
+const RING_ENTRIES: u32 = 512;
+/// How many task polls one turn makes before looking at the ring again.
+const POLL_BUDGET: usize = 256;
+
+/// An executor and a reactor for the current thread.
+pub struct Runtime {
+    exec: Executor,
+    reactor: Rc<Reactor>,
+    live: Rc<Cell<usize>>,
+}
+
+impl Runtime {
+    /// Creates the runtime and installs its reactor as the thread's current one.
+    pub fn new() -> io::Result<Self> {
+        let exec = Executor::new()?;
+        let reactor = Reactor::new(RING_ENTRIES, exec.wake_raw_fd())?;
+        Reactor::install(&reactor);
+        Ok(Runtime { exec, reactor, live: Rc::new(Cell::new(0)) })
+    }
+
+    /// The fd to watch for readiness (task wake-ups and io_uring completions).
+    pub fn wake_fd(&self) -> i32 {
+        self.exec.wake_raw_fd()
+    }
+
+    /// Spawns a task on this thread.
+    pub fn spawn<F: Future<Output = ()> + 'static>(&self, fut: F) {
+        let live = self.live.clone();
+        live.set(live.get() + 1);
+        self.exec.spawn(async move {
+            fut.await;
+            live.set(live.get() - 1);
+        });
+    }
+
+    /// Number of spawned tasks that have not finished.
+    pub fn live_tasks(&self) -> usize {
+        self.live.get()
+    }
+
+    /// Runs everything that can run without blocking: ready tasks, one
+    /// batched submission, completions; repeated until nothing moves.
+    pub fn turn(&self) {
+        self.exec.clear_wake();
+        loop {
+            let ran = self.exec.run_ready(POLL_BUDGET);
+            self.reactor.submit();
+            let reaped = self.reactor.reap();
+            if ran == 0 && reaped == 0 && !self.exec.has_ready() {
+                break;
+            }
+        }
+    }
+
+    /// Blocks until the wake fd is readable.
+    pub fn wait(&self) {
+        let mut pfd = libc::pollfd { fd: self.wake_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, -1) };
+    }
+
+    /// Runs `fut` (and any tasks it spawns) on this thread until it completes.
+    pub fn block_on<F: Future + 'static>(&self, fut: F) -> F::Output
+    where
+        F::Output: 'static,
+    {
+        let out = Rc::new(Cell::new(None));
+        let slot = out.clone();
+        self.spawn(async move { slot.set(Some(fut.await)) });
+        loop {
+            self.turn();
+            if let Some(v) = out.take() {
+                return v;
+            }
+            if !self.exec.has_ready() {
+                self.wait();
+            }
+        }
+    }
+
+    /// Runs until every spawned task has finished.
+    pub fn drain(&self) {
+        while self.live.get() > 0 {
+            self.turn();
+            if self.live.get() > 0 && !self.exec.has_ready() {
+                self.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.drain();
+        Reactor::uninstall();
+    }
+}
+
+/// Runs `fut` to completion on a runtime for the current thread, creating one
+/// if the thread has none. For threads outside the export workers (control
+/// socket, tests, command-line tools).
+pub fn block_on<F: Future + 'static>(fut: F) -> io::Result<F::Output>
+where
+    F::Output: 'static,
+{
+    thread_local! {
+        static RT: std::cell::OnceCell<Runtime> = const { std::cell::OnceCell::new() };
+    }
+    RT.with(|cell| {
+        if cell.get().is_none() {
+            let rt = Runtime::new()?;
+            let _ = cell.set(rt);
+        }
+        match cell.get() {
+            Some(rt) => Ok(rt.block_on(fut)),
+            None => Err(io::Error::other("no runtime")),
+        }
+    })
+}
+
+/// Sleeps for `dur` without blocking the thread.
+pub async fn sleep(dur: std::time::Duration) {
+    let _ = Op::sleep(dur).await;
+}

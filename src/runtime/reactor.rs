@@ -1,0 +1,271 @@
+//! One io_uring per thread, and the futures that wait on it.
+//!
+//! An [`Op`] owns everything the kernel reads after submission (the iovec
+//! array, a timespec) so that memory stays valid until the completion arrives.
+//! Submissions are batched: ops push their SQE during a poll and
+//! [`Reactor::submit`] makes one `io_uring_enter` for the whole batch after the
+//! executor has run everything that was ready.
+//!
+//! The data buffers an op points at belong to the caller. If an `Op` is dropped
+//! before its completion, its `Drop` waits for the completion before returning,
+//! so the buffers (dropped after the op, as they were created before it) are
+//! never freed while the kernel may still write them.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::io;
+use std::os::fd::RawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use io_uring::{squeue, types, IoUring};
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<Reactor>>> = const { RefCell::new(None) };
+}
+
+enum Slot {
+    Free,
+    Waiting(Option<Waker>),
+    Done(i32),
+}
+
+/// The per-thread io_uring and its table of in-flight operations.
+pub struct Reactor {
+    ring: RefCell<IoUring>,
+    slots: RefCell<Vec<Slot>>,
+    free: RefCell<Vec<usize>>,
+    unsubmitted: Cell<u32>,
+    in_flight: Cell<usize>,
+}
+
+impl Reactor {
+    /// Creates a ring whose completions also signal `notify_fd`.
+    pub fn new(entries: u32, notify_fd: RawFd) -> io::Result<Rc<Self>> {
+        let ring = IoUring::new(entries)?;
+        ring.submitter().register_eventfd(notify_fd)?;
+        Ok(Rc::new(Reactor {
+            ring: RefCell::new(ring),
+            slots: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+            unsubmitted: Cell::new(0),
+            in_flight: Cell::new(0),
+        }))
+    }
+
+    /// Makes `reactor` the current thread's reactor.
+    pub fn install(reactor: &Rc<Reactor>) {
+        CURRENT.with(|c| *c.borrow_mut() = Some(reactor.clone()));
+    }
+
+    /// Removes the current thread's reactor.
+    pub fn uninstall() {
+        CURRENT.with(|c| c.borrow_mut().take());
+    }
+
+    /// The current thread's reactor, if this thread runs one.
+    pub fn current() -> Option<Rc<Reactor>> {
+        CURRENT.with(|c| c.borrow().clone())
+    }
+
+    /// Number of operations submitted or queued and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+
+    fn alloc(&self, waker: Waker) -> usize {
+        let mut slots = self.slots.borrow_mut();
+        self.in_flight.set(self.in_flight.get() + 1);
+        if let Some(i) = self.free.borrow_mut().pop() {
+            slots[i] = Slot::Waiting(Some(waker));
+            return i;
+        }
+        slots.push(Slot::Waiting(Some(waker)));
+        slots.len() - 1
+    }
+
+    fn finish(&self, idx: usize) {
+        self.slots.borrow_mut()[idx] = Slot::Free;
+        self.free.borrow_mut().push(idx);
+        self.in_flight.set(self.in_flight.get() - 1);
+    }
+
+    fn push(&self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            let mut ring = self.ring.borrow_mut();
+            // SAFETY: every pointer in `entry` refers to memory owned by the
+            // `Op` that built it or by its caller, valid until the completion
+            // (see the module documentation).
+            if unsafe { ring.submission().push(entry) }.is_ok() {
+                self.unsubmitted.set(self.unsubmitted.get() + 1);
+                return Ok(());
+            }
+            drop(ring);
+            self.submit_now()?;
+        }
+    }
+
+    fn submit_now(&self) -> io::Result<()> {
+        self.unsubmitted.set(0);
+        let ring = self.ring.borrow();
+        loop {
+            match ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    drop(ring);
+                    self.reap();
+                    return self.submit_now();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Submits every queued SQE with one system call.
+    pub fn submit(&self) {
+        if self.unsubmitted.get() > 0 {
+            if let Err(e) = self.submit_now() {
+                log::error!("io_uring submit failed: {e}");
+            }
+        }
+    }
+
+    /// Collects completions and wakes their tasks. Returns how many arrived.
+    pub fn reap(&self) -> usize {
+        let mut wakers = Vec::new();
+        {
+            let mut ring = self.ring.borrow_mut();
+            let mut slots = self.slots.borrow_mut();
+            for cqe in ring.completion() {
+                let idx = cqe.user_data() as usize;
+                if let Some(slot) = slots.get_mut(idx) {
+                    if let Slot::Waiting(w) = std::mem::replace(slot, Slot::Done(cqe.result())) {
+                        wakers.extend(w);
+                    }
+                }
+            }
+        }
+        let n = wakers.len();
+        for w in wakers {
+            w.wake();
+        }
+        n
+    }
+
+    fn poll_slot(&self, idx: usize, waker: &Waker) -> Option<i32> {
+        let mut slots = self.slots.borrow_mut();
+        match &mut slots[idx] {
+            Slot::Done(res) => Some(*res),
+            Slot::Waiting(w) => {
+                if !w.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                    *w = Some(waker.clone());
+                }
+                None
+            }
+            Slot::Free => Some(-libc::EIO),
+        }
+    }
+
+    fn wait_slot(&self, idx: usize) {
+        loop {
+            if matches!(self.slots.borrow()[idx], Slot::Done(_) | Slot::Free) {
+                return;
+            }
+            self.unsubmitted.set(0);
+            let r = self.ring.borrow().submit_and_wait(1);
+            if let Err(e) = r {
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    log::error!("io_uring wait failed: {e}");
+                    return;
+                }
+            }
+            self.reap();
+        }
+    }
+}
+
+/// Memory an op keeps alive until its completion.
+enum Keep {
+    None,
+    Iovecs(#[allow(dead_code)] Vec<libc::iovec>),
+    Timespec(#[allow(dead_code)] Box<types::Timespec>),
+}
+
+/// A future for one io_uring operation; resolves to the CQE result
+/// (a negative errno on failure).
+pub struct Op {
+    entry: Option<squeue::Entry>,
+    _keep: Keep,
+    slot: Option<(Rc<Reactor>, usize)>,
+}
+
+impl Op {
+    /// Wraps an SQE that refers to no memory beyond what the caller keeps alive.
+    ///
+    /// # Safety
+    /// Every buffer `entry` points at must stay valid until this op completes
+    /// or is dropped (drop waits for the completion).
+    pub unsafe fn new(entry: squeue::Entry) -> Op {
+        Op { entry: Some(entry), _keep: Keep::None, slot: None }
+    }
+
+    /// A vectored read or write of `iovecs` at `offset`.
+    ///
+    /// # Safety
+    /// The buffers the iovecs describe must stay valid until this op
+    /// completes or is dropped.
+    pub unsafe fn rw(fd: RawFd, write: bool, iovecs: Vec<libc::iovec>, offset: u64, rw_flags: i32) -> Op {
+        let (ptr, n) = (iovecs.as_ptr(), iovecs.len() as u32);
+        let entry = if write {
+            io_uring::opcode::Writev::new(types::Fd(fd), ptr, n).offset(offset).rw_flags(rw_flags).build()
+        } else {
+            io_uring::opcode::Readv::new(types::Fd(fd), ptr, n).offset(offset).rw_flags(rw_flags).build()
+        };
+        Op { entry: Some(entry), _keep: Keep::Iovecs(iovecs), slot: None }
+    }
+
+    /// Completes after `dur`.
+    pub fn sleep(dur: std::time::Duration) -> Op {
+        let ts = Box::new(types::Timespec::from(dur));
+        let entry = io_uring::opcode::Timeout::new(&*ts as *const _).build();
+        Op { entry: Some(entry), _keep: Keep::Timespec(ts), slot: None }
+    }
+}
+
+impl Future for Op {
+    type Output = i32;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i32> {
+        if let Some((reactor, idx)) = self.slot.take() {
+            if let Some(res) = reactor.poll_slot(idx, cx.waker()) {
+                reactor.finish(idx);
+                return Poll::Ready(res);
+            }
+            self.slot = Some((reactor, idx));
+            return Poll::Pending;
+        }
+        let Some(reactor) = Reactor::current() else {
+            log::error!("block I/O issued on a thread without a reactor");
+            return Poll::Ready(-libc::EIO);
+        };
+        let Some(entry) = self.entry.take() else { return Poll::Ready(-libc::EIO) };
+        let idx = reactor.alloc(cx.waker().clone());
+        if let Err(e) = reactor.push(&entry.user_data(idx as u64)) {
+            reactor.finish(idx);
+            return Poll::Ready(-e.raw_os_error().unwrap_or(libc::EIO));
+        }
+        self.slot = Some((reactor, idx));
+        Poll::Pending
+    }
+}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        if let Some((reactor, idx)) = self.slot.take() {
+            reactor.wait_slot(idx);
+            reactor.finish(idx);
+        }
+    }
+}
