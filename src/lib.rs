@@ -5,4 +5,10 @@
 
 pub mod bench;
 pub mod block;
+pub mod config;
+pub mod drivers;
+pub mod nbd;
+pub mod qmp;
+pub mod replication;
 pub mod runtime;
+pub mod vhost;

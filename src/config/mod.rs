@@ -1,0 +1,1 @@
+//! Parsing of `--blockdev` / `--export` / `--config` (dotted key=value and JSON).

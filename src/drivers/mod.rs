@@ -1,0 +1,1 @@
+//! Block drivers: protocols (`file`, `null-co`), formats (`raw`).

@@ -1,0 +1,1 @@
+//! NBD server export (fixed newstyle handshake, structured replies).

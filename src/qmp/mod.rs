@@ -1,0 +1,1 @@
+//! The control socket: QMP wire protocol, commands and events.

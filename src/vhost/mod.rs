@@ -1,0 +1,1 @@
+//! vhost-user-blk export: backend, virtio-blk request parsing, queue workers.
