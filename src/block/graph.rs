@@ -70,7 +70,8 @@ impl BlockGraph {
         self.lock().contains_key(name)
     }
 
-    /// Adds a node (and registers its implicit children). Refuses duplicates.
+    /// Adds a node (and registers its implicit children; every child records
+    /// its parent as a user). Refuses duplicates.
     pub fn insert(&self, node: Arc<BlockNode>) -> Result<(), GraphError> {
         let mut nodes = self.lock();
         if nodes.contains_key(node.name()) {
@@ -79,6 +80,7 @@ impl BlockGraph {
         let mut todo = vec![node];
         while let Some(n) = todo.pop() {
             for (_, child) in n.children() {
+                child.attach(n.name());
                 if child.is_implicit() && !nodes.contains_key(child.name()) {
                     todo.push(child);
                 }

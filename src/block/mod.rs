@@ -8,7 +8,7 @@ pub mod node;
 pub mod request;
 pub mod stats;
 
-pub use driver::{BlockDriver, BlockStatus, Caps, ChildRole, IoFuture, Limits};
+pub use driver::{boxed, BlockDriver, BlockStatus, Caps, ChildRole, IoFuture, Limits};
 pub use error::{BlockError, BlockResult, ErrorKind};
 pub use graph::{BlockGraph, GraphError};
 pub use iovec::{AlignedBuf, IoVecs};

@@ -70,6 +70,12 @@ fn round_up(x: u64, a: u64) -> Option<u64> {
     x.checked_add(a - 1).map(|v| round_down(v, a))
 }
 
+impl std::fmt::Debug for BlockNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockNode").field("name", &self.name).field("driver", &self.format_name()).finish()
+    }
+}
+
 impl BlockNode {
     /// Wraps `driver` as node `name`.
     pub fn new(name: String, implicit: bool, driver: Box<dyn BlockDriver>, opts: NodeOptions) -> Arc<Self> {

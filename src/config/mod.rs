@@ -1,1 +1,9 @@
-//! Parsing of `--blockdev` / `--export` / `--config` (dotted key=value and JSON).
+//! Parsing of `--blockdev` / `--export` / `--nbd-server` / `--config`
+//! (dotted key=value and JSON) into typed options, and building block nodes
+//! from them.
+
+pub mod blockdev;
+pub mod keyval;
+pub mod types;
+
+pub use keyval::parse_arg;

@@ -37,7 +37,7 @@ impl Shared {
             return;
         }
         let me = Arc::as_ptr(self) as usize;
-        if OWNER.with(|o| o.get()) != me {
+        if OWNER.try_with(|o| o.get()).unwrap_or(0) != me {
             // A full eventfd counter means a wake-up is already pending.
             let _ = self.wake.write(1);
         }
@@ -111,7 +111,7 @@ impl Executor {
 
 impl Drop for Executor {
     fn drop(&mut self) {
-        OWNER.with(|o| {
+        let _ = OWNER.try_with(|o| {
             if o.get() == Arc::as_ptr(&self.shared) as usize {
                 o.set(0)
             }

@@ -61,12 +61,12 @@ impl Reactor {
 
     /// Removes the current thread's reactor.
     pub fn uninstall() {
-        CURRENT.with(|c| c.borrow_mut().take());
+        let _ = CURRENT.try_with(|c| c.borrow_mut().take());
     }
 
     /// The current thread's reactor, if this thread runs one.
     pub fn current() -> Option<Rc<Reactor>> {
-        CURRENT.with(|c| c.borrow().clone())
+        CURRENT.try_with(|c| c.borrow().clone()).ok().flatten()
     }
 
     /// Number of operations submitted or queued and not yet completed.
@@ -224,6 +224,20 @@ impl Op {
             io_uring::opcode::Readv::new(types::Fd(fd), ptr, n).offset(offset).rw_flags(rw_flags).build()
         };
         Op { entry: Some(entry), _keep: Keep::Iovecs(iovecs), slot: None }
+    }
+
+    /// A vectored read or write of an iovec array the caller keeps alive.
+    ///
+    /// # Safety
+    /// `iov..iov+n` and the buffers it describes must stay valid until this op
+    /// completes or is dropped.
+    pub unsafe fn rw_borrowed(fd: RawFd, write: bool, iov: *const libc::iovec, n: u32, offset: u64, rw_flags: i32) -> Op {
+        let entry = if write {
+            io_uring::opcode::Writev::new(types::Fd(fd), iov, n).offset(offset).rw_flags(rw_flags).build()
+        } else {
+            io_uring::opcode::Readv::new(types::Fd(fd), iov, n).offset(offset).rw_flags(rw_flags).build()
+        };
+        Op { entry: Some(entry), _keep: Keep::None, slot: None }
     }
 
     /// Completes after `dur`.
