@@ -3,7 +3,9 @@
 //! from them.
 
 pub mod blockdev;
+pub mod export;
 pub mod keyval;
+pub mod serve;
 pub mod types;
 
 pub use keyval::parse_arg;
