@@ -1,0 +1,176 @@
+//! What the benchmark reads from `/proc`: a process's CPU time and resident
+//! memory, the host's CPU times (for steal), the load average.
+//!
+//! Every reader returns an error string instead of panicking: the files can
+//! vanish (the backend exited) or have an unexpected shape.
+
+use std::fs;
+
+/// Clock ticks per second for `/proc/*/stat` times.
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf only reads a configuration value; it has no memory
+    // safety preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+/// utime + stime, in clock ticks, from the text of `/proc/PID/stat`.
+pub fn parse_stat_cpu_ticks(text: &str) -> Result<u64, String> {
+    // The command name (field 2) is in parentheses and may hold spaces or ')'.
+    let rest = text
+        .rfind(')')
+        .map(|i| &text[i + 1..])
+        .ok_or("no ')' in stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state); utime is field 14, stime field 15.
+    let get = |i: usize| -> Result<u64, String> {
+        fields
+            .get(i)
+            .ok_or_else(|| format!("stat has only {} fields", fields.len() + 2))?
+            .parse::<u64>()
+            .map_err(|e| format!("stat field {}: {e}", i + 3))
+    };
+    Ok(get(11)? + get(12)?)
+}
+
+/// CPU seconds (user + system, all threads) used so far by process `pid`.
+pub fn process_cpu_seconds(pid: u32) -> Result<f64, String> {
+    let path = format!("/proc/{pid}/stat");
+    let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    let ticks = parse_stat_cpu_ticks(&text).map_err(|e| format!("{path}: {e}"))?;
+    Ok(ticks as f64 / clock_ticks_per_second() as f64)
+}
+
+/// The `VmRSS` line of `/proc/PID/status` text, in KiB.
+pub fn parse_vm_rss_kib(text: &str) -> Result<u64, String> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .ok_or("no VmRSS line")?;
+    let mut it = line["VmRSS:".len()..].split_whitespace();
+    let n = it.next().ok_or("empty VmRSS line")?;
+    let v: u64 = n.parse().map_err(|e| format!("VmRSS '{n}': {e}"))?;
+    match it.next() {
+        Some("kB") | None => Ok(v),
+        Some(u) => Err(format!("VmRSS unit '{u}'")),
+    }
+}
+
+/// Resident memory of process `pid`, in KiB.
+pub fn process_rss_kib(pid: u32) -> Result<u64, String> {
+    let path = format!("/proc/{pid}/status");
+    let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    parse_vm_rss_kib(&text).map_err(|e| format!("{path}: {e}"))
+}
+
+/// Aggregate host CPU times from the first line of `/proc/stat`, in ticks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostCpu {
+    /// user+nice+system+idle+iowait+irq+softirq+steal (guest time is inside user).
+    pub total: u64,
+    /// Time stolen by the hypervisor.
+    pub steal: u64,
+    /// idle + iowait.
+    pub idle: u64,
+}
+
+impl HostCpu {
+    /// Parses the `cpu ` line of `/proc/stat` text.
+    pub fn parse(text: &str) -> Result<HostCpu, String> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .ok_or("no 'cpu ' line")?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|f| f.parse::<u64>().map_err(|e| format!("'{f}': {e}")))
+            .collect::<Result<_, _>>()?;
+        if v.len() < 8 {
+            return Err(format!("'cpu ' line has {} fields, expected 8 or more", v.len()));
+        }
+        Ok(HostCpu {
+            total: v[..8].iter().sum(),
+            steal: v[7],
+            idle: v[3] + v[4],
+        })
+    }
+
+    /// Reads `/proc/stat`.
+    pub fn read() -> Result<HostCpu, String> {
+        let text = fs::read_to_string("/proc/stat").map_err(|e| format!("/proc/stat: {e}"))?;
+        HostCpu::parse(&text).map_err(|e| format!("/proc/stat: {e}"))
+    }
+
+    /// Steal between `self` (earlier) and `later`, in percent of all CPU time.
+    pub fn steal_pct(&self, later: &HostCpu) -> f64 {
+        let total = later.total.saturating_sub(self.total);
+        if total == 0 {
+            return 0.0;
+        }
+        100.0 * later.steal.saturating_sub(self.steal) as f64 / total as f64
+    }
+
+    /// Busy (non-idle) CPUs on average between `self` and `later`.
+    pub fn busy_cpus(&self, later: &HostCpu, seconds: f64) -> f64 {
+        let total = later.total.saturating_sub(self.total);
+        let idle = later.idle.saturating_sub(self.idle);
+        if seconds <= 0.0 {
+            return 0.0;
+        }
+        total.saturating_sub(idle) as f64 / clock_ticks_per_second() as f64 / seconds
+    }
+}
+
+/// The 1-minute load average.
+pub fn loadavg_1m() -> Result<f64, String> {
+    let text =
+        fs::read_to_string("/proc/loadavg").map_err(|e| format!("/proc/loadavg: {e}"))?;
+    let first = text.split_whitespace().next().ok_or("/proc/loadavg: empty")?;
+    first
+        .parse()
+        .map_err(|e| format!("/proc/loadavg '{first}': {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_odd_comm() {
+        let t = "1234 (a b) c) S 1 1 1 0 -1 4194304 100 0 0 0 250 50 0 0 20 0 3 0 5 100 200";
+        assert_eq!(parse_stat_cpu_ticks(t), Ok(300));
+        assert!(parse_stat_cpu_ticks("1234 (x) S 1").is_err());
+        assert!(parse_stat_cpu_ticks("garbage").is_err());
+    }
+
+    #[test]
+    fn status_rss() {
+        let t = "Name:\tx\nVmPeak:\t  100 kB\nVmRSS:\t    2932 kB\nThreads:\t3\n";
+        assert_eq!(parse_vm_rss_kib(t), Ok(2932));
+        assert!(parse_vm_rss_kib("Name: x\n").is_err());
+    }
+
+    #[test]
+    fn host_steal() {
+        let a = HostCpu::parse("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 1 2 3\n");
+        let b = HostCpu::parse("cpu  200 0 100 1600 20 0 10 70 0 0\n");
+        let (a, b) = (a.expect("a"), b.expect("b"));
+        assert_eq!(a.total, 1000);
+        assert!((a.steal_pct(&b) - 3.5).abs() < 1e-9);
+        assert!(HostCpu::parse("cpu 1 2\n").is_err());
+        assert!(HostCpu::parse("intr 1\n").is_err());
+    }
+
+    #[test]
+    fn own_process() {
+        let pid = std::process::id();
+        assert!(process_cpu_seconds(pid).is_ok());
+        assert!(process_rss_kib(pid).map(|k| k > 0).unwrap_or(false));
+        assert!(HostCpu::read().is_ok());
+    }
+}
