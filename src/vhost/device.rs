@@ -1,0 +1,116 @@
+//! The export-wide device state shared by every connection and queue
+//! thread: the node, the configuration, the current capacity and write-cache
+//! mode, and the log limiter. Everything that changes is an atomic.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use super::config::{config_space, wce_from_write, ConfigInput, VhostBlkConfig, CONFIG_SPACE_SIZE, ID_BYTES};
+use super::ratelimit::RateLimiter;
+use super::request::Geometry;
+use crate::block::BlockNode;
+
+/// State of one vhost-user-blk device (one export).
+pub struct Device {
+    /// The export's options.
+    pub cfg: VhostBlkConfig,
+    /// The node served.
+    pub node: Arc<BlockNode>,
+    /// The GET_ID answer.
+    pub id_bytes: [u8; ID_BYTES],
+    /// Rate limiter for guest-triggered log lines.
+    pub log: RateLimiter,
+    capacity: AtomicU64,
+    wce: AtomicBool,
+    refused: AtomicU64,
+}
+
+impl Device {
+    /// A device for `node` with write-back caching (as qemu-storage-daemon starts).
+    pub fn new(cfg: VhostBlkConfig, node: Arc<BlockNode>) -> Self {
+        let capacity = AtomicU64::new(node.length());
+        Device {
+            id_bytes: cfg.id_bytes(),
+            cfg,
+            node,
+            log: RateLimiter::default(),
+            capacity,
+            wce: AtomicBool::new(true),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// Export id.
+    pub fn id(&self) -> &str {
+        &self.cfg.id
+    }
+
+    /// Whether guests may write.
+    pub fn writable(&self) -> bool {
+        self.cfg.writable
+    }
+
+    /// What the request parser checks against.
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            capacity: self.capacity.load(Relaxed),
+            lbs: self.cfg.logical_block_size,
+            read_only: !self.cfg.writable,
+        }
+    }
+
+    /// Records a new node length (resize hook).
+    pub fn set_capacity(&self, bytes: u64) {
+        self.capacity.store(bytes, Relaxed);
+    }
+
+    /// Whether writes must be durable on completion (write-through mode).
+    pub fn write_through(&self) -> bool {
+        !self.wce.load(Relaxed)
+    }
+
+    /// Whether the write cache is enabled (write-back mode).
+    pub fn wce(&self) -> bool {
+        self.wce.load(Relaxed)
+    }
+
+    /// Counts a refused (malformed) request.
+    pub fn count_refused(&self) {
+        self.refused.fetch_add(1, Relaxed);
+    }
+
+    /// Number of malformed requests refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Relaxed)
+    }
+
+    /// The virtio-blk configuration space as it is now.
+    pub fn config_space(&self) -> [u8; CONFIG_SPACE_SIZE] {
+        config_space(&ConfigInput {
+            capacity_bytes: self.capacity.load(Relaxed),
+            logical_block_size: self.cfg.logical_block_size,
+            limits: self.node.limits(),
+            queue_size: self.cfg.queue_size,
+            num_queues: self.cfg.num_queues,
+            wce: self.wce(),
+        })
+    }
+
+    /// Applies a SET_CONFIG write: only the WCE byte is writable.
+    pub fn set_config(&self, offset: u32, buf: &[u8]) {
+        match wce_from_write(offset, buf) {
+            Some(wce) => {
+                let old = self.wce.swap(wce, Relaxed);
+                if old != wce {
+                    let mode = if wce { "write-back" } else { "write-through" };
+                    log::info!("vhost-user-blk export '{}': guest switched the cache to {mode}", self.id());
+                }
+            }
+            None => log::debug!(
+                "vhost-user-blk export '{}': ignoring a write of {} bytes at {offset} to read-only config fields",
+                self.id(),
+                buf.len()
+            ),
+        }
+    }
+}

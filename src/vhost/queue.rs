@@ -1,0 +1,176 @@
+//! The per-queue request pipeline, independent of the vhost-user plumbing
+//! (so the unit tests drive it with virtio-queue's mock queues):
+//!
+//! 1. [`QueueCtx::pop_and_start`] pops every available chain (with
+//!    EVENT_IDX: disable notifications, pop, re-enable, pop again if the
+//!    guest raced us), parses each one and spawns one task per valid
+//!    request on the thread's runtime. Refused chains complete at once.
+//! 2. The caller runs the runtime ([`Runtime::turn`]): every task that can
+//!    run does, and their I/O goes to io_uring in one submission.
+//! 3. [`QueueCtx::complete`] moves everything that finished into the used
+//!    ring in one go and says whether the guest needs an interrupt.
+//!
+//! Finished requests are collected in a list owned by the queue thread (no
+//! lock, and no allocation once the list has grown), in completion order —
+//! requests complete out of order.
+//!
+//! After the frontend went away the context is *detached*: requests still in
+//! flight run to completion against the node, but nothing more is written to
+//! the used ring. The frontend re-submits everything past the used index
+//! when it reconnects (QEMU restores `last_avail_idx` from the used index),
+//! and a used-ring write racing with that would complete a request twice.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::device::Device;
+use super::request::{self, parse, Desc, Parsed, Reason, Request, S_IOERR};
+use crate::runtime::Runtime;
+
+/// Per-queue state living on the queue's thread.
+pub struct QueueCtx {
+    dev: Arc<Device>,
+    index: u16,
+    done: RefCell<Vec<(u16, u32)>>,
+    scratch: RefCell<Vec<Desc>>,
+    detached: Cell<bool>,
+}
+
+impl QueueCtx {
+    /// A context for queue `index` of `dev`.
+    pub fn new(dev: Arc<Device>, index: u16) -> Rc<Self> {
+        Rc::new(QueueCtx {
+            dev,
+            index,
+            done: RefCell::new(Vec::new()),
+            scratch: RefCell::new(Vec::new()),
+            detached: Cell::new(false),
+        })
+    }
+
+    /// Stops writing to the used ring (the frontend is gone).
+    pub fn detach(&self) {
+        self.detached.set(true);
+    }
+
+    /// Pops every available chain and starts it. Without a runtime (`rt` is
+    /// `None`: this thread could not set one up) every request fails with
+    /// IOERR. Returns the number of chains popped.
+    pub fn pop_and_start(self: &Rc<Self>, rt: Option<&Runtime>, queue: &mut Queue, mem: &Arc<GuestMemoryMmap>) -> usize {
+        let event_idx = queue.event_idx_enabled();
+        let mut popped = 0;
+        loop {
+            if event_idx {
+                if let Err(e) = queue.disable_notification(&**mem) {
+                    self.warn(format_args!("cannot disable notifications: {e}"));
+                }
+            }
+            popped += self.pop_batch(rt, queue, mem);
+            if !event_idx {
+                break;
+            }
+            match queue.enable_notification(&**mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    self.warn(format_args!("cannot enable notifications: {e}"));
+                    break;
+                }
+            }
+        }
+        popped
+    }
+
+    fn pop_batch(self: &Rc<Self>, rt: Option<&Runtime>, queue: &mut Queue, mem: &Arc<GuestMemoryMmap>) -> usize {
+        let g = self.dev.geometry();
+        let iter = match queue.iter(&**mem) {
+            Ok(iter) => iter,
+            Err(virtio_queue::Error::QueueNotReady) => return 0,
+            Err(e) => {
+                // A corrupt available index: nothing can be popped safely.
+                self.warn(format_args!("cannot read the available ring: {e}"));
+                return 0;
+            }
+        };
+        let mut n = 0;
+        let mut scratch = self.scratch.borrow_mut();
+        for chain in iter {
+            n += 1;
+            let parsed = parse(chain, mem, &g, &mut scratch);
+            self.start(rt, parsed, mem);
+        }
+        n
+    }
+
+    fn start(self: &Rc<Self>, rt: Option<&Runtime>, parsed: Parsed, mem: &GuestMemoryMmap) {
+        match parsed {
+            Parsed::Ok(req) => match rt {
+                Some(rt) => {
+                    let ctx = self.clone();
+                    rt.spawn(async move { ctx.run(req).await });
+                }
+                None => {
+                    let used = if req.write_status(S_IOERR) { 1 } else { 0 };
+                    self.done.borrow_mut().push((req.head, used));
+                }
+            },
+            Parsed::Fail { head, status, code, why } => {
+                self.dev.count_refused();
+                self.warn(format_args!("request refused (status {code}): {why}"));
+                let used = if request::write_status(mem, status, code) { 1 } else { 0 };
+                self.done.borrow_mut().push((head, used));
+            }
+            Parsed::Drop { head, why } => {
+                self.dev.count_refused();
+                self.warn(format_args!("chain {head} returned without status: {why}"));
+                self.done.borrow_mut().push((head, 0));
+            }
+        }
+    }
+
+    async fn run(&self, req: Request) {
+        let (code, mut used, err) = req.execute(&self.dev.node, &self.dev.id_bytes, self.dev.write_through()).await;
+        if let Some(e) = err {
+            self.warn(format_args!("{:?} at {}+{} failed: {e}", req.op, req.offset, req.len));
+        }
+        if !req.write_status(code) {
+            self.warn(format_args!("chain {}: {}", req.head, Reason::StatusOutsideMemory));
+            used = 0;
+        }
+        self.done.borrow_mut().push((req.head, used));
+    }
+
+    /// Number of finished requests not yet in the used ring.
+    pub fn pending_completions(&self) -> usize {
+        self.done.borrow().len()
+    }
+
+    /// Moves finished requests into the used ring. Returns whether the
+    /// driver wants an interrupt for them.
+    pub fn complete(&self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut done = self.done.borrow_mut();
+        if done.is_empty() {
+            return false;
+        }
+        if self.detached.get() {
+            done.clear();
+            return false;
+        }
+        for &(head, len) in done.iter() {
+            if let Err(e) = queue.add_used(mem, head, len) {
+                self.warn(format_args!("cannot return chain {head} to the used ring: {e}"));
+            }
+        }
+        done.clear();
+        queue.needs_notification(mem).unwrap_or(true)
+    }
+
+    /// Logs a rate-limited warning about this queue.
+    pub fn warn(&self, args: std::fmt::Arguments<'_>) {
+        self.dev.log.warn(self.dev.id(), format_args!("queue {}: {args}", self.index));
+    }
+}

@@ -1,0 +1,1 @@
+//! Unit tests of the vhost-user-blk export.
