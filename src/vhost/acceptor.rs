@@ -13,7 +13,10 @@
 //!   then let a new daemon accept the connection;
 //! - *connected*: a helper thread waits for the daemon's request thread to
 //!   end; meanwhile every further connection on the socket is accepted and
-//!   closed at once (logged), which never disturbs the connected frontend;
+//!   closed (logged), which never disturbs the connected frontend. A new
+//!   connection first gets a grace period in which the current one may end
+//!   (a frontend that reconnects at once can be faster than the daemon
+//!   noticing the old connection's end); then it waits to be served;
 //! - *draining*: the frontend is gone; every in-flight request of that
 //!   connection runs to completion (see [`BlkBackend::teardown`]), then the
 //!   daemon and its threads are dropped. New connections wait in the
@@ -102,12 +105,18 @@ impl Shared {
     }
 }
 
-/// Waits until one of `fds` is readable; returns a readiness mask (bit i = fds[i]).
-fn wait_readable(fds: &[RawFd]) -> io::Result<u32> {
+/// How long a new connection waits for the current one to end before it is
+/// refused: a frontend that reconnects at once may be faster than the
+/// daemon's noticing of its previous connection's end.
+const RECONNECT_GRACE_MS: i32 = 1000;
+
+/// Waits until one of `fds` is readable (at most `timeout_ms`, -1: forever);
+/// returns a readiness mask (bit i = fds[i]), 0 on timeout.
+fn wait_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<u32> {
     let mut pfds: Vec<libc::pollfd> = fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
     loop {
         // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs for the call.
-        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
         if r >= 0 {
             break;
         }
@@ -123,7 +132,7 @@ fn wait_readable(fds: &[RawFd]) -> io::Result<u32> {
 pub fn run(listener: UnixListener, shared: Arc<Shared>) {
     let fds = [listener.as_raw_fd(), shared.stop.as_raw_fd()];
     while !shared.stopping() {
-        match wait_readable(&fds) {
+        match wait_readable(&fds, -1) {
             Ok(ready) if ready & 1 != 0 && !shared.stopping() => serve_connection(&listener, &shared),
             Ok(_) => {}
             Err(e) => {
@@ -212,7 +221,7 @@ fn supervise(listener: &UnixListener, shared: &Arc<Shared>, mut daemon: Daemon) 
     loop {
         let fds = [listener.as_raw_fd(), done.as_raw_fd(), shared.stop.as_raw_fd()];
         let n = if shut { 2 } else { 3 };
-        let ready = match wait_readable(&fds[..n]) {
+        let ready = match wait_readable(&fds[..n], -1) {
             Ok(r) => r,
             Err(e) => {
                 // Cannot supervise: end the connection and wait for it below.
@@ -233,6 +242,10 @@ fn supervise(listener: &UnixListener, shared: &Arc<Shared>, mut daemon: Daemon) 
             }
         }
         if ready & 1 != 0 {
+            // Serve it next if the current connection is just ending.
+            if wait_readable(&fds[1..2], RECONNECT_GRACE_MS).unwrap_or(0) != 0 {
+                break;
+            }
             refuse(listener, shared, "another frontend is already connected");
         }
     }

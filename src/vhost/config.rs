@@ -170,13 +170,29 @@ fn put(buf: &mut [u8], off: usize, bytes: &[u8]) {
     buf[off..off + bytes.len()].copy_from_slice(bytes);
 }
 
+/// `size_max` (largest data segment) and `seg_max` (most data segments).
+///
+/// Frontends compute their largest request as `size_max * seg_max` in an
+/// `int` (libblkio does), so the product stays at most `i32::MAX`. The node's
+/// generic layer splits at its `max_transfer` anyway, so segments may be as
+/// large as that product allows; they are a multiple of the page size and of
+/// the logical block size.
+fn segment_limits(c: &ConfigInput, lbs: u32) -> (u32, u32) {
+    const LIMIT: u64 = i32::MAX as u64;
+    // The header and status take two descriptors of a chain.
+    let seg_max = (c.limits.max_iov.min(usize::from(c.queue_size).saturating_sub(2))).max(1) as u64;
+    let align = u64::from(lbs.max(4096));
+    let size_max = c.limits.max_transfer.min(LIMIT / seg_max) / align * align;
+    let size_max = size_max.max(u64::from(lbs));
+    let seg_max = seg_max.min(LIMIT / size_max).max(1);
+    (size_max as u32, seg_max as u32)
+}
+
 /// The virtio-blk configuration space, little endian, as a guest reads it.
 pub fn config_space(c: &ConfigInput) -> [u8; CONFIG_SPACE_SIZE] {
     let lbs = c.logical_block_size.max(512);
     let mut b = [0u8; CONFIG_SPACE_SIZE];
-    // The header and status take two descriptors of a chain.
-    let seg_max = (c.limits.max_iov.min(usize::from(c.queue_size).saturating_sub(2))).max(1) as u32;
-    let size_max = c.limits.max_transfer.clamp(u64::from(lbs), u64::from(u32::MAX) & !(u64::from(lbs) - 1)) as u32;
+    let (size_max, seg_max) = segment_limits(c, lbs);
     // Tell the guest about a physical block larger than the logical one
     // (a 4 KiB O_DIRECT file behind a 512-byte export) so it aligns its I/O.
     let phys = c.limits.request_alignment.max(lbs);
@@ -282,6 +298,29 @@ mod tests {
         assert_eq!(wce_from_write(0, &[1u8; CONFIG_SPACE_SIZE]), Some(true));
         assert_eq!(wce_from_write(0, &[1u8; 8]), None);
         assert_eq!(wce_from_write(WCE_OFFSET as u32 + 1, &[1]), None);
+    }
+
+    #[test]
+    fn segment_limits_keep_their_product_in_an_int() {
+        let mut c = ConfigInput {
+            capacity_bytes: 1 << 30,
+            logical_block_size: 512,
+            limits: Limits::default(),
+            queue_size: 256,
+            num_queues: 1,
+            wce: true,
+        };
+        for (qs, lbs, max_transfer, max_iov) in
+            [(256, 512, 1 << 30, 1024), (32768, 2 << 20, 1 << 30, 1024), (4, 512, 4096, 1), (1024, 4096, 128 << 10, 16)]
+        {
+            c.queue_size = qs;
+            c.limits.max_transfer = max_transfer;
+            c.limits.max_iov = max_iov;
+            let (size, segs) = segment_limits(&c, lbs);
+            assert!(u64::from(size) * u64::from(segs) <= i32::MAX as u64, "{qs} {lbs}");
+            assert!(size % lbs == 0 && size >= lbs && segs >= 1 && segs <= u32::from(qs).max(3) - 2);
+            assert!(u64::from(size) <= max_transfer.max(u64::from(lbs)));
+        }
     }
 
     #[test]

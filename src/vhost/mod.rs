@@ -45,8 +45,9 @@
 //! connection's daemon and threads are dropped and the next connection is
 //! served by a new daemon (vhost-user-backend's handler cannot be reused
 //! after a disconnect: it remembers its owner and negotiated state). While a
-//! frontend is connected, any other connection is accepted and closed at
-//! once, without disturbing the first. A clean stop (GET_VRING_BASE) waits
+//! frontend is connected, any other connection is accepted and closed
+//! (after a one-second grace in which the current connection may turn out to
+//! be ending), without disturbing the first. A clean stop (GET_VRING_BASE) waits
 //! for the queue's in-flight requests before answering, as the spec asks.
 //!
 //! # Protocol features not offered
@@ -73,6 +74,8 @@ mod queue;
 mod ratelimit;
 pub mod request;
 
+#[cfg(test)]
+mod frontend_tests;
 #[cfg(test)]
 mod tests;
 

@@ -614,8 +614,8 @@ fn config_space_bytes() {
     let b = h.dev.config_space();
     assert_eq!(b.len(), CONFIG_SPACE_SIZE);
     assert_eq!(u64::from_le_bytes(b[0..8].try_into().unwrap_or_default()), DISK / 512, "capacity");
-    assert_eq!(le32(&b, 8), 1 << 30, "size_max: the node's max transfer");
     assert_eq!(le32(&b, 12), 126, "seg_max: queue size - 2");
+    assert_eq!(le32(&b, 8), (i32::MAX as u32 / 126) / 4096 * 4096, "size_max: as large as an int allows");
     assert_eq!(le32(&b, 20), 4096, "blk_size");
     assert_eq!((b[24], b[25]), (0, 0), "physical_block_exp, alignment_offset");
     assert_eq!(u16::from_le_bytes([b[26], b[27]]), 1, "min_io_size");
