@@ -138,11 +138,11 @@ impl BlkBackend {
         let _ = self.handlers.set(handlers.iter().map(Arc::downgrade).collect());
     }
 
-    fn wake_id(&self) -> u16 {
+    pub(super) fn wake_id(&self) -> u16 {
         self.dev.cfg.num_queues + 1
     }
 
-    fn quit_id(&self) -> u16 {
+    pub(super) fn quit_id(&self) -> u16 {
         self.dev.cfg.num_queues + 2
     }
 

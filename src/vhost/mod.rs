@@ -174,7 +174,14 @@ impl VhostBlkExport {
     /// file. Returns when all that is done. Idempotent.
     pub fn shutdown(&self) {
         self.shared.request_stop();
-        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut slot = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        // The deleted hook runs on the acceptor thread; if it drops the
+        // export there, the thread is already finishing: do not join itself.
+        if slot.as_ref().is_some_and(|t| t.thread().id() == std::thread::current().id()) {
+            return;
+        }
+        let t = slot.take();
+        drop(slot);
         if let Some(t) = t {
             if t.join().is_err() {
                 log::error!("vhost-user-blk export '{}': the acceptor thread panicked", self.id());

@@ -677,3 +677,48 @@ fn backend_offers_the_features_and_one_thread_per_queue() {
     backend.stop_vring(99).expect("stop_vring of a queue that does not exist");
     backend.teardown();
 }
+
+#[test]
+fn stop_vring_waits_for_requests_in_flight() {
+    use super::backend::Vring;
+    use std::sync::atomic::AtomicBool;
+    use vhost_user_backend::VringT;
+    use vmm_sys_util::epoll::EventSet;
+
+    let mut h = Harness::with(cfg(true, 512), Some(0));
+    let gm = GuestMemoryAtomic::new((*h.mem).clone());
+    let vring = Vring::new(gm.clone(), QSIZE).expect("vring");
+    vring.set_queue_size(QSIZE);
+    vring.set_queue_info(h.queue.desc_table(), h.queue.avail_ring(), h.queue.used_ring()).expect("queue info");
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    let backend = Arc::new(BlkBackend::new(h.dev.clone(), gm).expect("backend"));
+    let (hd, d, s) = (h.header(T_IN, 0), h.alloc(512), h.status());
+    let head = h.chain(&[(hd, 16, false), (d, 512, true), (s, 1, true)]);
+
+    // The queue thread: a kick, then wake-ups until told to quit.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let worker = {
+        let (b, v, stop) = (backend.clone(), vring.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let vrings = [v];
+            let _ = b.handle_event(0, EventSet::IN, &vrings, 0);
+            let _ = started_tx.send(());
+            while !stop.load(SeqCst) {
+                let _ = b.handle_event(b.wake_id(), EventSet::IN, &vrings, 0);
+                std::thread::yield_now();
+            }
+            let _ = b.handle_event(b.quit_id(), EventSet::IN, &vrings, 0);
+        })
+    };
+    started_rx.recv().expect("kick handled");
+    assert_eq!(h.used(), vec![], "the slow read is in flight");
+    backend.stop_vring(0).expect("stop_vring");
+    assert_eq!(h.used(), vec![(u32::from(head), 513)], "stop_vring returned after the request completed");
+    assert_eq!(h.byte(s), S_OK);
+    stop.store(true, SeqCst);
+    assert!(worker.join().is_ok());
+    // The worker was torn down on its thread; teardown has nothing to wait for.
+    backend.teardown();
+}
