@@ -23,6 +23,7 @@
 
 pub mod args;
 pub mod client;
+pub mod compare;
 pub mod hist;
 pub mod procfs;
 pub mod result;
@@ -49,18 +50,15 @@ pub struct BenchArgs {
 /// Subcommands of `blkstack bench`.
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
-    /// Placeholder until compare lands.
-    #[command(hide = true)]
-    Version,
+    /// Run the benchmark against blkstack, qemu-storage-daemon and cloud-hypervisor's
+    /// vhost_user_block and write bench/report.md and bench/report.svg.
+    Compare(compare::CompareArgs),
 }
 
 /// Runs `blkstack bench`.
 pub fn main(args: BenchArgs) -> Result<(), String> {
     match args.command {
-        Some(BenchCommand::Version) => {
-            println!("bench schema {}", result::SCHEMA_VERSION);
-            Ok(())
-        }
+        Some(BenchCommand::Compare(c)) => compare::main(c),
         None => run_once(&args.run),
     }
 }

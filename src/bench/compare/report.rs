@@ -1,0 +1,371 @@
+//! `bench/report.md`: medians per workload and backend, ratios of blkstack to
+//! QSD and CH for every figure, the targets of issue 12, the machine.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use super::plan::{self, WorkloadSpec};
+use super::{CompareOutput, RunRecord};
+use crate::bench::result::fmt_size;
+
+/// Medians over the rounds of one workload against one backend.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Runs with a result.
+    pub n: usize,
+    /// Runs that failed.
+    pub failed: usize,
+    /// IOPS.
+    pub iops: f64,
+    /// MiB/s.
+    pub mib_s: f64,
+    /// Median latency, µs.
+    pub p50: f64,
+    /// p99 latency, µs.
+    pub p99: f64,
+    /// p99.9 latency, µs.
+    pub p999: f64,
+    /// Backend CPU s/s.
+    pub cpu: Option<f64>,
+    /// IOPS per backend CPU-second.
+    pub iops_per_cpu: Option<f64>,
+    /// Backend RSS at the end, MiB.
+    pub rss_mib: Option<f64>,
+    /// Host steal, %, median.
+    pub steal: f64,
+    /// Host steal, %, worst run.
+    pub steal_max: f64,
+}
+
+/// The median (mean of the middle two for an even count); None when empty.
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 })
+}
+
+fn stats(records: &[&RunRecord]) -> Stats {
+    let rs: Vec<_> = records.iter().filter_map(|r| r.result.as_ref()).collect();
+    let col = |f: &dyn Fn(&crate::bench::BenchResult) -> Option<f64>| median(rs.iter().filter_map(|r| f(r)).collect());
+    let steals: Vec<f64> = rs.iter().filter_map(|r| r.host.steal_pct).collect();
+    Stats {
+        n: rs.len(),
+        failed: records.len() - rs.len(),
+        iops: col(&|r| Some(r.iops)).unwrap_or(0.0),
+        mib_s: col(&|r| Some(r.mib_s)).unwrap_or(0.0),
+        p50: col(&|r| Some(r.lat_us.p50)).unwrap_or(0.0),
+        p99: col(&|r| Some(r.lat_us.p99)).unwrap_or(0.0),
+        p999: col(&|r| Some(r.lat_us.p99_9)).unwrap_or(0.0),
+        cpu: col(&|r| r.backend.as_ref().and_then(|b| b.cpu_s_per_s)),
+        iops_per_cpu: col(&|r| {
+            let c = r.backend.as_ref().and_then(|b| b.cpu_s_per_s)?;
+            (c > 0.0).then(|| r.iops / c)
+        }),
+        rss_mib: col(&|r| r.backend.as_ref().and_then(|b| b.rss_kib).map(|k| k as f64 / 1024.0)),
+        steal: median(steals.clone()).unwrap_or(0.0),
+        steal_max: steals.iter().copied().fold(0.0, f64::max),
+    }
+}
+
+/// Medians keyed by (workload id, backend id).
+pub fn all_stats(out: &CompareOutput) -> BTreeMap<(String, String), Stats> {
+    let mut groups: BTreeMap<(String, String), Vec<&RunRecord>> = BTreeMap::new();
+    for r in &out.records {
+        groups.entry((r.workload.clone(), r.backend.clone())).or_default().push(r);
+    }
+    groups.into_iter().map(|(k, v)| (k, stats(&v))).collect()
+}
+
+/// Compact number: 132456 → "132k", 2.5 → "2.50".
+pub fn num(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{:.0}k", v / 1000.0)
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or("–".into(), num)
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 && a.is_finite() => format!("{:.2}×", a / b),
+        _ => "–".into(),
+    }
+}
+
+type Col = (&'static str, fn(&Stats) -> Option<f64>);
+
+const COLS: [Col; 9] = [
+    ("IOPS", |s| Some(s.iops)),
+    ("MiB/s", |s| Some(s.mib_s)),
+    ("p50 µs", |s| Some(s.p50)),
+    ("p99 µs", |s| Some(s.p99)),
+    ("p99.9 µs", |s| Some(s.p999)),
+    ("CPU s/s", |s| s.cpu),
+    ("IOPS/CPU-s", |s| s.iops_per_cpu),
+    ("RSS MiB", |s| s.rss_mib),
+    ("steal %", |s| Some(s.steal)),
+];
+
+fn backend_title(w: &WorkloadSpec, id: &str) -> String {
+    w.backends.iter().find(|b| b.id() == id).map_or(id.to_string(), |b| b.title())
+}
+
+/// Reference backends of a workload: the first QSD row and the CH row.
+fn refs(w: &WorkloadSpec) -> (Option<String>, Option<String>) {
+    let qsd = w.backends.iter().find(|b| matches!(b.engine, plan::Engine::Qsd(_))).map(|b| b.id());
+    let ch = w.backends.iter().find(|b| b.engine == plan::Engine::Ch).map(|b| b.id());
+    (qsd, ch)
+}
+
+fn workload_table(s: &mut String, w: &WorkloadSpec, st: &BTreeMap<(String, String), Stats>) {
+    let get = |b: &str| st.get(&(w.id.to_string(), b.to_string()));
+    let _ = writeln!(
+        s,
+        "\n### {} (`{}`: {} bs={} iodepth={} queues={})\n",
+        w.title,
+        w.id,
+        w.rw.name(),
+        fmt_size(w.bs),
+        w.iodepth,
+        w.queues
+    );
+    let head: Vec<&str> = COLS.iter().map(|c| c.0).collect();
+    let _ = writeln!(s, "| backend | {} | runs |", head.join(" | "));
+    let _ = writeln!(s, "|---|{}---|", "---:|".repeat(COLS.len()));
+    for b in &w.backends {
+        let Some(x) = get(&b.id()) else { continue };
+        let cells: Vec<String> = COLS.iter().map(|c| opt(c.1(x))).collect();
+        let runs = if x.failed > 0 { format!("{} (+{} failed)", x.n, x.failed) } else { x.n.to_string() };
+        let _ = writeln!(s, "| {} | {} | {runs} |", b.title(), cells.join(" | "));
+    }
+    let Some(bx) = get("blkstack").filter(|x| x.n > 0) else { return };
+    let (qsd, ch) = refs(w);
+    for r in [qsd, ch].into_iter().flatten() {
+        let Some(rx) = get(&r).filter(|x| x.n > 0) else { continue };
+        let cells: Vec<String> = COLS.iter().map(|c| ratio(c.1(bx), c.1(rx))).collect();
+        let _ = writeln!(s, "| *blkstack / {}* | {} | |", backend_title(w, &r), cells.join(" | "));
+    }
+}
+
+/// One target of issue 12 and how it came out.
+pub struct Target {
+    /// What is required.
+    pub what: String,
+    /// What was measured.
+    pub measured: String,
+    /// Met, not met, or unknown (no data).
+    pub met: Option<bool>,
+}
+
+fn target_ratio(
+    st: &BTreeMap<(String, String), Stats>,
+    wl: &str,
+    other: &str,
+    field: fn(&Stats) -> Option<f64>,
+    want: f64,
+    higher_better: bool,
+    what: String,
+) -> Target {
+    let get = |b: &str| st.get(&(wl.to_string(), b.to_string())).filter(|x| x.n > 0).and_then(field);
+    match (get("blkstack"), get(other)) {
+        (Some(a), Some(b)) if b > 0.0 => {
+            let r = a / b;
+            let met = if higher_better { r >= want } else { r <= want };
+            Target { what, measured: format!("{} vs {} = {r:.2}×", num(a), num(b)), met: Some(met) }
+        }
+        (a, b) => Target {
+            what,
+            measured: format!("no data (blkstack {}, {other} {})", opt(a), opt(b)),
+            met: None,
+        },
+    }
+}
+
+/// The targets of issue 12, evaluated on the medians.
+pub fn targets(st: &BTreeMap<(String, String), Stats>) -> Vec<Target> {
+    let iops: fn(&Stats) -> Option<f64> = |s| Some(s.iops);
+    let mut t = Vec::new();
+    for (wl, ch, name) in [
+        ("rr32", "ch", "4k randread QD32"),
+        ("rr32-poll", "ch-poll", "4k randread QD32, polling"),
+        ("rw32", "ch", "4k randwrite QD32"),
+        ("rw32-poll", "ch-poll", "4k randwrite QD32, polling"),
+    ] {
+        t.push(target_ratio(st, wl, ch, iops, 1.25, true, format!("{name}: IOPS ≥ 1.25× CH")));
+    }
+    for (wl, ch, qsd, name) in [("rr1", "ch", "qsd", "QD1 4k randread"), ("rr1-poll", "ch-poll", "qsd-poll", "QD1 4k randread, polling")] {
+        t.push(target_ratio(st, wl, ch, |s| Some(s.p50), 1.0, false, format!("{name}: p50 ≤ CH")));
+        t.push(target_ratio(st, wl, qsd, |s| Some(s.p99), 1.0, false, format!("{name}: p99 ≤ QSD")));
+    }
+    let mib: fn(&Stats) -> Option<f64> = |s| Some(s.mib_s);
+    t.push(target_ratio(st, "seq1m", "qsd", mib, 1.3, true, "1M read QD8: MiB/s ≥ 1.3× QSD io_uring".into()));
+    t.push(target_ratio(st, "seq1m", "qsd-threads", mib, 1.0, true, "1M read QD8: MiB/s ≥ QSD aio=threads".into()));
+    t.push(target_ratio(st, "direct", "qsd-native", iops, 1.0, true, "O_DIRECT 4k randread QD32: IOPS ≥ QSD aio=native".into()));
+    t.push(target_ratio(st, "null", "qsd", |s| s.iops_per_cpu, 2.0, true, "null 4k randread QD32: IOPS per CPU-s ≥ 2× QSD".into()));
+    t.push(target_ratio(st, "null", "qsd", iops, 1.0, true, "null 4k randread QD32: IOPS ≥ QSD".into()));
+    t.push(target_ratio(st, "rr32", "ch", |s| s.rss_mib, 1.0, false, "resident memory, one export (end of 4k randread QD32): ≤ CH".into()));
+    t
+}
+
+fn machine_section(s: &mut String, out: &CompareOutput) {
+    let m = &out.machine;
+    let steals: Vec<f64> = out.records.iter().filter_map(|r| r.result.as_ref()?.host.steal_pct).collect();
+    let busy: Vec<f64> = out.records.iter().filter_map(|r| r.result.as_ref()?.host.busy_cpus).collect();
+    let repeated = out.records.iter().filter(|r| r.attempts > 1).count();
+    let over = out.records.iter().filter(|r| r.result.as_ref().and_then(|x| x.host.steal_pct).unwrap_or(0.0) > out.max_steal).count();
+    let _ = writeln!(s, "\n## Machine and conditions\n");
+    let _ = writeln!(s, "- CPU: {} × {} ({} MiB RAM), kernel {}", m.cpus, m.cpu, m.mem_mib, m.kernel);
+    let _ = writeln!(s, "- {} ; CH peer: {} ; blkstack commit {}", m.qsd, m.ch, m.blkstack);
+    let _ = writeln!(
+        s,
+        "- Run started {} UTC, took {:.0} s: {} round(s), {} s measured + {} s ramp per run, image {} ({}).",
+        out.started,
+        out.wall_s,
+        out.rounds,
+        out.seconds,
+        out.ramp,
+        out.image,
+        fmt_size(out.image_size)
+    );
+    let _ = writeln!(
+        s,
+        "- Host steal per run: median {:.2} %, max {:.2} %; {} run(s) repeated for steal > {} %, {} still above after repeats.",
+        median(steals.clone()).unwrap_or(0.0),
+        steals.iter().copied().fold(0.0, f64::max),
+        repeated,
+        out.max_steal,
+        over
+    );
+    let _ = writeln!(
+        s,
+        "- Load average (1 min) {:.2} before, {:.2} after; busy CPUs during runs: median {:.2} of {} (client + backend + anything else on the machine).",
+        m.load_before,
+        m.load_after,
+        median(busy).unwrap_or(0.0),
+        m.cpus
+    );
+    for n in &out.notes {
+        let _ = writeln!(s, "- Note: {n}");
+    }
+}
+
+fn method_section(s: &mut String, out: &CompareOutput) {
+    let _ = writeln!(s, "\n## Method\n");
+    let _ = writeln!(
+        s,
+        "- Client: `blkstack bench` (libblkio 0.5, `virtio-blk-vhost-user`), one thread per queue, \
+         `iodepth` requests always in flight, completions waited for on the eventfd (the client never polls here). \
+         Latency is from queueing in libblkio to reaping."
+    );
+    let _ = writeln!(
+        s,
+        "- Polling rows turn on polling in the backend only: blkstack `poll-us={}`, CH `poll_queue=true`, \
+         QSD with the export in an iothread (adaptive AioContext polling, default `poll-max-ns`).",
+        out.poll_us
+    );
+    let _ = writeln!(
+        s,
+        "- Each run gets a fresh backend process on the same image (page cached, pre-read every round; \
+         the O_DIRECT row opens it with `cache.direct=on` / `direct=true`); backends alternate, the first \
+         rotating each round; the image is synced after runs that write. Figures are medians over the rounds; \
+         CPU is the backend's utime+stime per wall second; RSS is VmRSS at the end of the measured time."
+    );
+    let _ = writeln!(s, "- Ratios are blkstack ÷ other for every column: above 1 is better for IOPS, MiB/s and IOPS/CPU-s; below 1 is better for latency, CPU and RSS.");
+}
+
+fn failures(s: &mut String, out: &CompareOutput) {
+    let failed: Vec<&RunRecord> = out.records.iter().filter(|r| r.result.is_none()).collect();
+    if failed.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "\n## Runs that failed\n");
+    let mut seen = std::collections::BTreeSet::new();
+    for r in failed {
+        let e = r.error.as_deref().unwrap_or("?");
+        if seen.insert((r.backend.clone(), e.to_string())) {
+            let _ = writeln!(s, "- `{}` on `{}` (round {}): {}", r.backend, r.workload, r.round + 1, e.replace('\n', " "));
+        }
+    }
+}
+
+/// The whole report.
+pub fn markdown(out: &CompareOutput) -> String {
+    let st = all_stats(out);
+    let ws: Vec<WorkloadSpec> = plan::workloads().into_iter().filter(|w| out.workloads.iter().any(|x| x == w.id)).collect();
+    let mut s = String::from("# blkstack vs qemu-storage-daemon vs cloud-hypervisor vhost_user_block\n\n");
+    let _ = writeln!(
+        s,
+        "Written by `blkstack bench compare` (`make bench`){}. Raw results: `bench/out/results.json`. Chart: [report.svg](report.svg).",
+        if out.quick { " in **quick mode** (not for conclusions)" } else { "" }
+    );
+    let _ = writeln!(s, "\n## Targets (issue 12), from the medians of this run\n");
+    let _ = writeln!(s, "| target | measured (blkstack vs other) | met |\n|---|---|---|");
+    for t in targets(&st) {
+        let met = match t.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "–",
+        };
+        let _ = writeln!(s, "| {} | {} | {met} |", t.what, t.measured);
+    }
+    let _ = writeln!(s, "| multi-queue 4k randread QD32 scaling ≥ 90 % of linear to 8 queues | not measurable on {} CPUs; see below | – |", out.machine.cpus);
+    let _ = writeln!(s, "\n## Results (medians of {} round(s))", out.rounds);
+    for w in &ws {
+        workload_table(&mut s, w, &st);
+    }
+    scaling(&mut s, &st);
+    machine_section(&mut s, out);
+    method_section(&mut s, out);
+    failures(&mut s, out);
+    let _ = writeln!(s, "\n## Reproduce\n");
+    let _ = writeln!(s, "```\nmake bench                     # = bash bench/compare.sh (full run, ~25 min on 2 cores)\nbash bench/compare.sh --quick  # 1 round, 2 s per run, main workloads\ntarget/release/blkstack bench compare --only rr32 --rounds 1\ntarget/release/blkstack bench compare --from bench/out/results.json  # rebuild this report\n```");
+    if let Some(r) = out.records.iter().find(|r| r.workload == "rr32" && r.backend == "blkstack") {
+        let _ = writeln!(s, "\nOne run by hand (blkstack, 4k randread QD32):\n\n```\n{} &\ntarget/release/blkstack bench --socket {} --rw randread --bs 4k --iodepth 32 --seconds {} --server-pid $!\n```", r.command, out.socket, out.seconds);
+    }
+    s
+}
+
+fn scaling(s: &mut String, st: &BTreeMap<(String, String), Stats>) {
+    let _ = writeln!(s, "\n### Queue scaling, 4k randread QD32 per queue (IOPS; % of linear)\n");
+    let _ = writeln!(s, "| backend | 1 queue | 2 queues | 4 queues |\n|---|---:|---:|---:|");
+    for b in ["blkstack", "qsd", "ch"] {
+        let get = |wl: &str| st.get(&(wl.to_string(), b.to_string())).filter(|x| x.n > 0).map(|x| x.iops);
+        let Some(one) = get("rr32") else { continue };
+        let cell = |wl: &str, n: f64| get(wl).map_or("–".into(), |v| format!("{} ({:.0} %)", num(v), 100.0 * v / (n * one)));
+        let _ = writeln!(s, "| {b} | {} | {} | {} |", num(one), cell("mq2", 2.0), cell("mq4", 4.0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![f64::NAN, 1.0]), Some(1.0));
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(num(132_456.0), "132k");
+        assert_eq!(num(2.5), "2.50");
+        assert_eq!(num(250.4), "250");
+        assert_eq!(ratio(Some(2.0), Some(1.0)), "2.00×");
+        assert_eq!(ratio(Some(2.0), Some(0.0)), "–");
+    }
+}

@@ -1,0 +1,193 @@
+//! Starting and stopping backends, and running the client against them.
+//!
+//! Each run gets a fresh backend process (cloud-hypervisor's serves one
+//! connection and exits, so every backend is treated the same way). The
+//! client runs as a child process (`blkstack bench ... --json`) so a crash in
+//! one run cannot take the comparison down.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::bench::result::BenchResult;
+
+/// Creates (if needed) a fully allocated image of `size` bytes with
+/// non-zero data, so reads with O_DIRECT reach the disk.
+pub fn prepare_image(path: &Path, size: u64) -> Result<(), String> {
+    if let Ok(m) = fs::metadata(path) {
+        if m.len() == size && m.blocks() * 512 >= size {
+            return Ok(());
+        }
+    }
+    eprintln!("compare: writing {} ({} MiB)", path.display(), size >> 20);
+    let mut f = File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let chunk: Vec<u8> = (0..1usize << 20).map(|i| (i as u8).wrapping_mul(7) | 1).collect();
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n]).map_err(|e| format!("{}: {e}", path.display()))?;
+        left -= n as u64;
+    }
+    f.sync_all().map_err(|e| format!("{}: sync: {e}", path.display()))
+}
+
+/// Reads the whole image so it sits in the page cache.
+pub fn preread(path: &Path) -> Result<(), String> {
+    let mut f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        }
+    }
+}
+
+/// Writes dirty pages of the image back so they do not disturb the next run.
+pub fn sync_image(path: &Path) -> Result<(), String> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.sync_all().map_err(|e| format!("{}: sync: {e}", path.display()))
+}
+
+/// A running backend.
+pub struct Backend {
+    child: Child,
+    /// Where its output goes.
+    pub log: PathBuf,
+}
+
+impl Backend {
+    /// Starts `program args`, logging to `log`, and waits until `socket`
+    /// exists (up to 10 s).
+    pub fn start(program: &Path, args: &[String], socket: &Path, log: &Path) -> Result<Backend, String> {
+        match fs::remove_file(socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", socket.display())),
+        }
+        let out = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| format!("{}: {e}", log.display()))?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("start {}: {e}", program.display()))?;
+        let mut b = Backend { child, log: log.to_path_buf() };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if fs::metadata(socket).map(|m| m.file_type().is_socket()).unwrap_or(false) {
+                return Ok(b);
+            }
+            if let Ok(Some(st)) = b.child.try_wait() {
+                return Err(format!("{} exited ({st}) before listening: {}", program.display(), b.log_tail()));
+            }
+            if Instant::now() > deadline {
+                b.stop(Duration::ZERO);
+                return Err(format!("{} did not create {} within 10 s", program.display(), socket.display()));
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Its PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().rev().take(5).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    /// Waits up to `grace` for it to exit by itself (CH does after the
+    /// client disconnects), then sends SIGTERM, then SIGKILL after 5 s.
+    pub fn stop(&mut self, grace: Duration) {
+        if wait_for(&mut self.child, grace) {
+            return;
+        }
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill(2) has no memory-safety preconditions; `pid` is our
+            // child, not yet reaped, so it cannot name another process.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        if !wait_for(&mut self.child, Duration::from_secs(5)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn wait_for(child: &mut Child, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return true,
+            Ok(None) if Instant::now() >= deadline => return false,
+            Ok(None) => thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// Runs the client (`exe bench <args> --json <json>`) with a time limit and
+/// returns its parsed result.
+pub fn run_client(exe: &Path, args: &[String], json: &Path, limit: Duration, log: &Path) -> Result<BenchResult, String> {
+    let _ = fs::remove_file(json);
+    let out = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut child = Command::new(exe)
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .arg(json)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("start client: {e}"))?;
+    let ok = wait_for(&mut child, limit);
+    if !ok {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("client ran past {} s", limit.as_secs()));
+    }
+    let status = child.wait().map_err(|e| format!("client: {e}"))?;
+    let text = fs::read_to_string(json);
+    match text {
+        Ok(t) => {
+            let r: BenchResult = serde_json::from_str(&t).map_err(|e| format!("{}: {e}", json.display()))?;
+            if !status.success() && r.ops == 0 {
+                return Err(format!("client failed ({status}): {}", tail(log)));
+            }
+            Ok(r)
+        }
+        Err(_) => Err(format!("client failed ({status}): {}", tail(log))),
+    }
+}
+
+fn tail(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("bench: ")).collect();
+    lines[lines.len().saturating_sub(3)..].join(" | ")
+}
