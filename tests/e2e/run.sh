@@ -3,7 +3,8 @@
 # vhost-user-blk disk served by the backend under test, run guest scenarios.
 #
 #   bash tests/e2e/run.sh [--backend qsd|blkstack] [--blkstack PATH]
-#                         [--keep] [--debug] [--timeout S] [SCENARIO...]
+#                         [--keep] [--debug] [--timeout S] [--budget S]
+#                         [SCENARIO...]
 #   bash tests/e2e/run.sh --shell SCENARIO [--backend ...]   # interactive guest
 #   bash tests/e2e/run.sh --list
 #
@@ -28,7 +29,8 @@ BLKSTACK="$ROOT/target/release/blkstack"
 KEEP=0
 DEBUG=0
 SHELL_SCENARIO=""
-BOOT_TIMEOUT="${E2E_BOOT_TIMEOUT:-240}"
+BOOT_TIMEOUT="${E2E_BOOT_TIMEOUT:-150}"   # hard limit for one guest boot (s)
+BUDGET="${E2E_BUDGET:-420}"               # hard limit for all scenarios of one run (s)
 SCENARIOS=()
 
 usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -42,6 +44,7 @@ while [ $# -gt 0 ]; do
         --keep) KEEP=1; shift ;;
         --debug) DEBUG=1; shift ;;
         --timeout) BOOT_TIMEOUT="$2"; shift 2 ;;
+        --budget) BUDGET="$2"; shift 2 ;;
         --shell) SHELL_SCENARIO="$2"; shift 2 ;;
         --list) printf '%s\n' "${ALL_SCENARIOS[@]}"; exit 0 ;;
         -h|--help) usage; exit 0 ;;
@@ -371,7 +374,7 @@ check_reconnect() {
 qemu_args() {  # qemu_args SCENARIO TOKEN [GUEST_SCENARIO]
     local chr="socket,id=c0,path=$SOCK" append
     [ "$1" = reconnect ] && chr="$chr,reconnect-ms=1000"
-    append="console=ttyS0 loglevel=4 panic=-1 e2e.scenario=${3:-$1} e2e.token=$2"
+    append="console=ttyS0 loglevel=4 panic=-1 e2e.scenario=${3:-$1} e2e.token=$2 e2e.sync_timeout=$((BOOT_TIMEOUT * 2 / 3))"
     [ "$DEBUG" = 1 ] && append="$append e2e.debug=1"
     QEMU_ARGS=(
         -accel tcg -M q35 -cpu max -smp 2 -m 512M
@@ -383,7 +386,8 @@ qemu_args() {  # qemu_args SCENARIO TOKEN [GUEST_SCENARIO]
 }
 
 print_tail() {  # print_tail TITLE FILE N
-    [ -s "$2" ] || return 0
+    [ -e "$2" ] || return 0
+    [ -s "$2" ] || { echo "  --- $1: empty ($2) ---"; return 0; }
     echo "  --- $1 (last $3 lines of $2) ---"
     tr -d '\r' < "$2" | tail -n "$3" | sed 's/^/  | /'
 }
@@ -506,7 +510,14 @@ if [ -n "$SHELL_SCENARIO" ]; then
 fi
 
 pass=0; fail=0; failed=()
+full_timeout="$BOOT_TIMEOUT"
 for s in "${SCENARIOS[@]}"; do
+    left=$(( BUDGET - ($(now_ms) - T_START) / 1000 ))
+    if [ "$left" -lt 30 ]; then
+        printf 'FAIL  %-10s %-9s %6ss  not run: the %s s time budget of this run is spent\n' "$s" "$BACKEND" 0.0 "$BUDGET"
+        fail=$((fail + 1)); failed+=("$s"); continue
+    fi
+    BOOT_TIMEOUT=$(( left < full_timeout ? left : full_timeout ))
     if run_scenario "$s"; then pass=$((pass + 1)); else fail=$((fail + 1)); failed+=("$s"); fi
 done
 T_END="$(now_ms)"

@@ -15,7 +15,7 @@
 DEV=/dev/vda
 SYSB=/sys/block/vda
 PAT=/e2e/pat
-SYNC_TIMEOUT=${SYNC_TIMEOUT:-150}
+SYNC_TIMEOUT=${SYNC_TIMEOUT:-100}
 
 say()  { echo "e2e: $*"; }
 fail() {
