@@ -279,18 +279,18 @@ impl Worker {
     /// One round; returns how many chains were popped plus completed.
     fn step(&self, pop: bool) -> usize {
         let sync = &self.sync;
-        let mem = self.mem.memory().into_inner();
         let mut popped = 0;
         if pop {
             sync.busy.store(true, SeqCst);
             let mut g = self.vring.get_mut();
-            popped = self.ctx.pop_and_start(self.rt.as_ref(), g.get_queue_mut(), &mem);
+            popped = self.ctx.pop_and_start(self.rt.as_ref(), g.get_queue_mut(), &self.mem);
         }
         if let Some(rt) = &self.rt {
             rt.turn();
         }
         let completed = self.ctx.pending_completions();
         if completed > 0 {
+            let mem = self.mem.memory();
             let mut g = self.vring.get_mut();
             if self.ctx.complete(g.get_queue_mut(), &mem) {
                 if let Err(e) = g.signal_used_queue() {

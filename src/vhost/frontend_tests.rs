@@ -149,6 +149,7 @@ fn libblkio_reads_writes_flushes_and_reconnects() {
 
 #[test]
 fn read_only_export_offers_ro() {
+    let _ = env_logger::builder().is_test(true).filter_level(log::LevelFilter::Debug).try_init();
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("vhost.sock");
     let (export, _) = start(dir.path(), false, 1);
@@ -185,4 +186,19 @@ fn stale_socket_files_are_replaced_and_live_ones_refused() {
     assert!(file.exists());
     drop(export);
     assert!(!sock.exists());
+}
+
+#[test]
+fn refused_requests_do_not_disturb_the_next_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("vhost.sock");
+    let (export, _) = start(dir.path(), true, 1);
+    let mut c = connect(&sock, 1).expect("connect");
+    for _ in 0..200 {
+        assert_ne!(c.read(0, DISK, 512), 0);
+        assert_eq!(c.read(0, 4096, 512), 0);
+    }
+    assert_eq!(export.refused_requests(), 200);
+    drop(c);
+    export.shutdown();
 }

@@ -21,11 +21,13 @@
 //! and a used-ring write racing with that would complete a request twice.
 
 use std::cell::{Cell, RefCell};
+use std::num::Wrapping;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::device::Device;
 use super::request::{self, parse, Desc, Parsed, Reason, Request, S_IOERR};
@@ -60,20 +62,20 @@ impl QueueCtx {
     /// Pops every available chain and starts it. Without a runtime (`rt` is
     /// `None`: this thread could not set one up) every request fails with
     /// IOERR. Returns the number of chains popped.
-    pub fn pop_and_start(self: &Rc<Self>, rt: Option<&Runtime>, queue: &mut Queue, mem: &Arc<GuestMemoryMmap>) -> usize {
+    pub fn pop_and_start(self: &Rc<Self>, rt: Option<&Runtime>, queue: &mut Queue, gm: &GuestMemoryAtomic<GuestMemoryMmap>) -> usize {
         let event_idx = queue.event_idx_enabled();
         let mut popped = 0;
         loop {
             if event_idx {
-                if let Err(e) = queue.disable_notification(&**mem) {
+                if let Err(e) = queue.disable_notification(&*gm.memory()) {
                     self.warn(format_args!("cannot disable notifications: {e}"));
                 }
             }
-            popped += self.pop_batch(rt, queue, mem);
+            popped += self.pop_batch(rt, queue, gm);
             if !event_idx {
                 break;
             }
-            match queue.enable_notification(&**mem) {
+            match queue.enable_notification(&*gm.memory()) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -85,9 +87,28 @@ impl QueueCtx {
         popped
     }
 
-    fn pop_batch(self: &Rc<Self>, rt: Option<&Runtime>, queue: &mut Queue, mem: &Arc<GuestMemoryMmap>) -> usize {
+    /// Pops the chains available now. The available index is read first and
+    /// the guest memory map loaded after it: every region the driver added
+    /// (ADD_MEM_REG) before publishing these chains is then in the map, so
+    /// no valid request is refused for pointing at memory added a moment ago.
+    fn pop_batch(self: &Rc<Self>, rt: Option<&Runtime>, queue: &mut Queue, gm: &GuestMemoryAtomic<GuestMemoryMmap>) -> usize {
+        if !queue.ready() {
+            return 0;
+        }
+        let avail = match queue.avail_idx(&*gm.memory(), Ordering::Acquire) {
+            Ok(idx) => idx,
+            Err(e) => {
+                self.warn(format_args!("cannot read the available index: {e}"));
+                return 0;
+            }
+        };
+        let pending = usize::from((avail - Wrapping(queue.next_avail())).0);
+        if pending == 0 {
+            return 0;
+        }
+        let mem = gm.memory().into_inner();
         let g = self.dev.geometry();
-        let iter = match queue.iter(&**mem) {
+        let iter = match queue.iter(&*mem) {
             Ok(iter) => iter,
             Err(virtio_queue::Error::QueueNotReady) => return 0,
             Err(e) => {
@@ -98,10 +119,10 @@ impl QueueCtx {
         };
         let mut n = 0;
         let mut scratch = self.scratch.borrow_mut();
-        for chain in iter {
+        for chain in iter.take(pending) {
             n += 1;
-            let parsed = parse(chain, mem, &g, &mut scratch);
-            self.start(rt, parsed, mem);
+            let parsed = parse(chain, &mem, &g, &mut scratch);
+            self.start(rt, parsed, &mem);
         }
         n
     }

@@ -111,6 +111,7 @@ impl BlockDriver for MemDisk {
 /// One queue of a device, driven by hand.
 struct Harness {
     mem: Arc<GuestMemoryMmap>,
+    gm: GuestMemoryAtomic<GuestMemoryMmap>,
     queue: Queue,
     ctx: Rc<QueueCtx>,
     rt: Runtime,
@@ -145,7 +146,8 @@ impl Harness {
         let dev = Arc::new(Device::new(c, node));
         let ctx = QueueCtx::new(dev.clone(), 0);
         let rt = Runtime::new().expect("runtime");
-        Harness { mem, queue, ctx, rt, dev, flushes, next_desc: 0, next_addr: DATA, used_seen: 0 }
+        let gm = GuestMemoryAtomic::new((*mem).clone());
+        Harness { mem, gm, queue, ctx, rt, dev, flushes, next_desc: 0, next_addr: DATA, used_seen: 0 }
     }
 
     fn new(writable: bool) -> Self {
@@ -232,7 +234,7 @@ impl Harness {
     /// Pops, runs everything to completion, fills the used ring; returns
     /// the new used entries as (head, len).
     fn run(&mut self) -> Vec<(u32, u32)> {
-        self.ctx.pop_and_start(Some(&self.rt), &mut self.queue, &self.mem);
+        self.ctx.pop_and_start(Some(&self.rt), &mut self.queue, &self.gm);
         self.rt.drain();
         self.ctx.complete(&mut self.queue, &self.mem);
         self.used()
@@ -549,7 +551,7 @@ fn requests_complete_out_of_order_without_blocking_the_queue() {
     let (s1, s2) = (h.status(), h.status());
     let slow = h.chain(&[(h1, 16, false), (d1, 512, true), (s1, 1, true)]);
     let fast = h.chain(&[(h2, 16, false), (d2, 512, true), (s2, 1, true)]);
-    h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.mem);
+    h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm);
     h.rt.turn();
     h.ctx.complete(&mut h.queue, &h.mem);
     assert_eq!(h.used(), vec![(u32::from(fast), 513)], "the fast request does not wait for the slow one");
@@ -569,7 +571,7 @@ fn a_batch_is_popped_at_once_with_event_idx() {
         let (hd, d, s) = (h.header(T_IN, i), h.alloc(512), h.status());
         heads.push(h.chain(&[(hd, 16, false), (d, 512, true), (s, 1, true)]));
     }
-    assert_eq!(h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.mem), 8);
+    assert_eq!(h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm), 8);
     h.rt.drain();
     // used_event is 0: the first completion needs an interrupt.
     assert!(h.ctx.complete(&mut h.queue, &h.mem));
@@ -582,7 +584,7 @@ fn without_a_runtime_requests_fail_cleanly() {
     let mut h = Harness::new(true);
     let (hd, d, s) = (h.header(T_IN, 0), h.alloc(512), h.status());
     let head = h.chain(&[(hd, 16, false), (d, 512, true), (s, 1, true)]);
-    h.ctx.pop_and_start(None, &mut h.queue, &h.mem);
+    h.ctx.pop_and_start(None, &mut h.queue, &h.gm);
     h.ctx.complete(&mut h.queue, &h.mem);
     assert_eq!(h.used(), vec![(u32::from(head), 1)]);
     assert_eq!(h.byte(s), S_IOERR);
@@ -593,7 +595,7 @@ fn after_detach_nothing_reaches_the_used_ring() {
     let mut h = Harness::new(true);
     let (hd, d, s) = (h.header(T_IN, 0), h.alloc(512), h.status());
     h.chain(&[(hd, 16, false), (d, 512, true), (s, 1, true)]);
-    h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.mem);
+    h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm);
     h.ctx.detach();
     h.rt.drain();
     assert!(!h.ctx.complete(&mut h.queue, &h.mem));
@@ -686,7 +688,7 @@ fn stop_vring_waits_for_requests_in_flight() {
     use vmm_sys_util::epoll::EventSet;
 
     let mut h = Harness::with(cfg(true, 512), Some(0));
-    let gm = GuestMemoryAtomic::new((*h.mem).clone());
+    let gm = h.gm.clone();
     let vring = Vring::new(gm.clone(), QSIZE).expect("vring");
     vring.set_queue_size(QSIZE);
     vring.set_queue_info(h.queue.desc_table(), h.queue.avail_ring(), h.queue.used_ring()).expect("queue info");
