@@ -3,5 +3,9 @@
 pub mod args;
 pub mod error;
 pub mod framing;
+pub mod server;
+pub mod session;
 
 pub use error::{ErrorClass, QmpError};
+pub use server::Server;
+pub use session::Backend;
