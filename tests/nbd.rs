@@ -264,7 +264,7 @@ fn garbage_clients_are_dropped_while_another_keeps_working() {
     assert!(matches!(liar.read(&mut b), Ok(0) | Err(_)), "dropped");
     // Meanwhile a real client works.
     qemu_io(&uri, &["write -P 0x42 0 1M", "read -P 0x42 0 1M"]);
-    assert!(s.server.has_clients("disk") || s.server.connections() >= 1, "the stalled client is still there");
+    assert!(s.server.connections() >= 1, "the stalled client is still there");
     drop(stalled);
     qemu_io(&uri, &["read -P 0x42 512k 4k"]);
 }
@@ -322,3 +322,4 @@ fn tcp_export() {
     assert!(!ok, "the export is gone");
     server.stop();
 }
+

@@ -58,6 +58,8 @@ mod transmission;
 mod tests;
 
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 pub use server::NbdServer;
 
@@ -90,4 +92,30 @@ pub struct NbdExportConfig {
     pub description: Option<String>,
     /// Accept writes.
     pub writable: bool,
+}
+
+/// Warnings about misbehaving clients: at most this many per window.
+const WARNINGS_PER_WINDOW: u32 = 10;
+const WARNING_WINDOW: Duration = Duration::from_secs(10);
+
+/// Logs a warning about a misbehaving client, rate-limited so that a flood
+/// of bad clients cannot flood the log (the excess goes to debug level and
+/// is counted).
+pub(crate) fn warn_client(args: std::fmt::Arguments<'_>) {
+    static STATE: Mutex<(Option<Instant>, u32, u64)> = Mutex::new((None, 0, 0));
+    let mut st = STATE.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    if st.0.is_none_or(|start| now.duration_since(start) >= WARNING_WINDOW) {
+        if st.2 > 0 {
+            log::warn!("nbd: {} more client warnings were not logged", st.2);
+        }
+        *st = (Some(now), 0, 0);
+    }
+    if st.1 < WARNINGS_PER_WINDOW {
+        st.1 += 1;
+        log::warn!("{args}");
+    } else {
+        st.2 += 1;
+        log::debug!("{args}");
+    }
 }

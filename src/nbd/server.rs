@@ -231,7 +231,10 @@ impl Inner {
     fn start_connection(&self, id: u64, sock: Socket) {
         let conn = Conn::new(id, sock);
         if !self.registry.register(&conn, self.max_connections) {
-            log::warn!("nbd: refusing a client: {} connections are open (max-connections)", self.max_connections);
+            super::warn_client(format_args!(
+                "nbd: refusing a client: {} connections are open (max-connections)",
+                self.max_connections
+            ));
             conn.socket.shutdown(Shutdown::Both);
             return;
         }
@@ -261,7 +264,7 @@ pub(crate) fn serve(reg: &Registry, conn: &Arc<Conn>) {
         }
         Err(End::Aborted) => log::debug!("nbd: connection {id}: client aborted the handshake"),
         Err(End::Io(e)) => log::debug!("nbd: connection {id}: handshake ended: {e}"),
-        Err(End::Violation(why)) => log::warn!("nbd: connection {id}: {why}; dropping the client"),
+        Err(End::Violation(why)) => super::warn_client(format_args!("nbd: connection {id}: {why}; dropping the client")),
     }
     conn.socket.shutdown(Shutdown::Both);
     reg.unregister(conn);

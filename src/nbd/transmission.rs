@@ -186,11 +186,16 @@ impl Session {
                 break;
             }
             if !escalated && self.draining_since.get().is_some_and(|t| t.elapsed() >= DRAIN_GRACE) {
-                log::warn!("nbd: connection {} did not drain in time; closing its socket", self.conn.id);
+                super::warn_client(format_args!(
+                    "nbd: connection {} did not drain in time; closing its socket",
+                    self.conn.id
+                ));
                 self.conn.socket.shutdown(std::net::Shutdown::Both);
                 escalated = true;
             }
-            wait_readable(rt.wake_fd(), 1000);
+            // Poll with a timeout only while draining, to notice the grace period end.
+            let timeout = if self.draining_since.get().is_some() && !escalated { 1000 } else { -1 };
+            wait_readable(rt.wake_fd(), timeout);
         }
     }
 
@@ -226,7 +231,7 @@ impl Session {
                 }
                 Verdict::Disconnect => return,
                 Verdict::Drop(why) => {
-                    log::warn!("nbd: connection {id}: {why}; dropping the client");
+                    super::warn_client(format_args!("nbd: connection {id}: {why}; dropping the client"));
                     self.conn.socket.shutdown(std::net::Shutdown::Both);
                     return;
                 }
