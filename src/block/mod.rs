@@ -15,3 +15,6 @@ pub use iovec::{AlignedBuf, IoVecs};
 pub use node::{BlockNode, DetectZeroes, NodeOptions};
 pub use request::WriteFlags;
 pub use stats::{IoKind, StatsSnapshot};
+
+#[cfg(test)]
+mod tests;

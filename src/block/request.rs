@@ -162,7 +162,7 @@ mod tests {
         rt.turn();
         assert!(order.borrow().is_empty(), "rmw must wait for the in-flight fast write");
         // End the forgotten fast write by hand.
-        t.end(&WriteGuard { tracker: &t, tracked: None, serialising: false });
+        drop(WriteGuard { tracker: &t, tracked: None, serialising: false });
         rt.turn();
         assert_eq!(*order.borrow(), vec!["rmw"]);
     }

@@ -111,7 +111,11 @@ impl Runtime {
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        self.drain();
+        // A panicking thread must not wait for tasks that may never finish;
+        // in-flight io_uring ops still wait for their completions as they drop.
+        if !std::thread::panicking() {
+            self.drain();
+        }
         Reactor::uninstall();
     }
 }
