@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Shutdown;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -81,19 +82,41 @@ pub struct Conn {
     pub socket: Socket,
     closing: AtomicBool,
     export: Mutex<Option<Arc<Export>>>,
+    /// The eventfd of the runtime serving the connection, while it runs.
+    waker: Mutex<Option<RawFd>>,
 }
 
 impl Conn {
     /// Wraps an accepted socket.
     pub fn new(id: u64, socket: Socket) -> Arc<Conn> {
-        Arc::new(Conn { id, socket, closing: AtomicBool::new(false), export: Mutex::new(None) })
+        Arc::new(Conn {
+            id,
+            socket,
+            closing: AtomicBool::new(false),
+            export: Mutex::new(None),
+            waker: Mutex::new(None),
+        })
     }
 
     /// Asks the connection to finish: the reader sees end-of-file, requests
-    /// already read complete, then the connection closes.
+    /// already read complete, then the connection closes. The connection's
+    /// runtime is woken so it can start the drain grace period.
     pub fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
         self.socket.shutdown(Shutdown::Read);
+        let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(fd) = *waker {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: `fd` is the serving runtime's eventfd, open while it is
+            // registered here (the runtime unregisters it under this lock
+            // before closing it); we write 8 bytes from a live array.
+            unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+        }
+    }
+
+    /// Registers (or with `None`, removes) the eventfd that [`Self::close`] signals.
+    pub fn set_waker(&self, fd: Option<RawFd>) {
+        *self.waker.lock().unwrap_or_else(|p| p.into_inner()) = fd;
     }
 
     /// Whether [`Self::close`] was called.

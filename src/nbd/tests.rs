@@ -738,6 +738,22 @@ fn remove_export_closes_clients_after_in_flight_requests_then_calls_back() {
     assert!(reg.remove_export("ro", Box::new(|| {})).is_err());
 }
 
+#[test]
+fn a_client_that_stops_reading_cannot_hold_a_removed_export() {
+    let reg = registry();
+    let (mut s, t) = connect(&reg, 1);
+    open(&mut s, "disk", false);
+    // Far more reply data than the socket buffers hold; the client reads none.
+    for i in 0..200u64 {
+        request(&mut s, CMD_READ, 0, i, 0, 1 << 20, &[]);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    reg.remove_export("disk", Box::new(move || tx.send(()).unwrap())).unwrap();
+    rx.recv_timeout(Duration::from_secs(30)).expect("the export is gone after the drain grace period");
+    t.join().unwrap();
+    assert_eq!(reg.connections(), 0);
+}
+
 // ---- the listening server --------------------------------------------------------
 
 fn temp_sock(tag: &str) -> (tempfile::TempDir, std::path::PathBuf) {

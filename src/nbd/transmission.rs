@@ -40,7 +40,10 @@ pub const MAX_IN_FLIGHT: usize = 64;
 /// Most payload bytes (read and write buffers) in flight on one connection.
 pub const MAX_IN_FLIGHT_BYTES: usize = 128 << 20;
 /// How long draining requests may wait for a client that does not read.
+#[cfg(not(test))]
 pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
+#[cfg(test)]
+pub const DRAIN_GRACE: Duration = Duration::from_millis(500);
 /// Most extents in one block-status reply.
 const MAX_EXTENTS: usize = 1024;
 
@@ -174,16 +177,21 @@ impl Session {
             let (s, rt2, finished) = (self.clone(), rt.clone(), finished.clone());
             rt.spawn(async move {
                 s.read_loop(&rt2).await;
-                s.draining_since.set(Some(Instant::now()));
+                s.start_draining();
                 s.budget.drained().await;
                 finished.set(true);
             });
         }
+        self.conn.set_waker(Some(rt.wake_fd()));
         let mut escalated = false;
         loop {
             rt.turn();
             if finished.get() {
                 break;
+            }
+            if self.conn.is_closing() {
+                // The reader may be waiting for budget rather than in `recv`.
+                self.start_draining();
             }
             if !escalated && self.draining_since.get().is_some_and(|t| t.elapsed() >= DRAIN_GRACE) {
                 super::warn_client(format_args!(
@@ -194,8 +202,15 @@ impl Session {
                 escalated = true;
             }
             // Poll with a timeout only while draining, to notice the grace period end.
-            let timeout = if self.draining_since.get().is_some() && !escalated { 1000 } else { -1 };
+            let timeout = if self.draining_since.get().is_some() && !escalated { 100 } else { -1 };
             wait_readable(rt.wake_fd(), timeout);
+        }
+        self.conn.set_waker(None);
+    }
+
+    fn start_draining(&self) {
+        if self.draining_since.get().is_none() {
+            self.draining_since.set(Some(Instant::now()));
         }
     }
 
