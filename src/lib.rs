@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod block;
 pub mod config;
+pub mod daemon;
 pub mod drivers;
 pub mod nbd;
 pub mod qmp;

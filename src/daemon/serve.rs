@@ -16,7 +16,8 @@ use std::sync::Arc;
 
 use super::Daemon;
 use crate::config::serve::{ServeArgs, ServeConfig};
-use crate::qmp::Monitor;
+use crate::qmp::commands::DaemonBackend;
+use crate::qmp::Server as Monitor;
 
 /// Runs `blkstack serve`. Returns when the daemon has shut down.
 pub fn serve(args: ServeArgs) -> Result<(), String> {
@@ -76,7 +77,7 @@ fn start(cfg: &ServeConfig) -> Result<(Arc<Daemon>, Vec<Monitor>), String> {
             let Some(c) = cfg.chardevs.iter().find(|c| c.id == m.chardev) else {
                 return Err(format!("--monitor: chardev '{}' not found", m.chardev));
             };
-            monitors.push(Monitor::start(&c.path, m.pretty, daemon.clone()).map_err(|e| format!("--monitor chardev={}: {e}", m.chardev))?);
+            monitors.push(Monitor::start(&c.path, m.pretty, Arc::new(DaemonBackend(daemon.clone()))).map_err(|e| format!("--monitor chardev={}: {e}", m.chardev))?);
         }
         Ok(())
     })();
