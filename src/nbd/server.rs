@@ -266,6 +266,8 @@ pub(crate) fn serve(reg: &Registry, conn: &Arc<Conn>) {
         Err(End::Io(e)) => log::debug!("nbd: connection {id}: handshake ended: {e}"),
         Err(End::Violation(why)) => super::warn_client(format_args!("nbd: connection {id}: {why}; dropping the client")),
     }
-    conn.socket.shutdown(Shutdown::Both);
+    // Free the slot (max-connections) before the client sees the close, so a
+    // client that reconnects after end-of-file is not turned away.
     reg.unregister(conn);
+    conn.socket.shutdown(Shutdown::Both);
 }
