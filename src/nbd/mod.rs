@@ -70,6 +70,10 @@ pub enum NbdAddr {
     Unix(PathBuf),
     /// A TCP address; port 0 picks a free port ([`NbdServer::inet_port`]).
     Inet { host: String, port: u16 },
+    /// An inherited listening stream socket, Unix or TCP (systemd socket
+    /// activation, `addr.type=fd`). The server uses a duplicate of it and
+    /// leaves the original descriptor (and any socket file) alone.
+    Fd(std::os::fd::RawFd),
 }
 
 /// `--nbd-server` / `nbd-server-start` arguments.

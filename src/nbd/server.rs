@@ -2,7 +2,7 @@
 
 use std::io;
 use std::net::{Shutdown, TcpListener};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -95,6 +95,42 @@ fn bind_tcp(host: &str, port: u16) -> Result<TcpListener, String> {
     TcpListener::bind((host, port)).map_err(|e| format!("Failed to bind socket to {host}:{port}: {e}"))
 }
 
+fn sockopt(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are live locals of the sizes getsockopt(2) is told.
+    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&mut v as *mut libc::c_int).cast(), &mut len) };
+    if r == 0 {
+        Ok(v)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Wraps a duplicate of an inherited listening socket.
+fn listener_from_fd(fd: RawFd) -> Result<Listener, String> {
+    let bad = |why: String| format!("Cannot listen on fd {fd}: {why}");
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) only creates a new descriptor; an
+    // invalid `fd` makes it fail with EBADF.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(bad(io::Error::last_os_error().to_string()));
+    }
+    // SAFETY: `dup` was just created above and is owned by nothing else.
+    let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+    let stream = sockopt(dup, libc::SO_TYPE).map_err(|e| bad(e.to_string()))? == libc::SOCK_STREAM;
+    let listening = sockopt(dup, libc::SO_ACCEPTCONN).map_err(|e| bad(e.to_string()))? != 0;
+    if !stream || !listening {
+        return Err(bad("not a listening stream socket".into()));
+    }
+    let domain = sockopt(dup, libc::SO_DOMAIN).map_err(|e| bad(e.to_string()))?;
+    match domain {
+        libc::AF_UNIX => Ok(Listener::Unix(UnixListener::from(owned))),
+        libc::AF_INET | libc::AF_INET6 => Ok(Listener::Tcp(TcpListener::from(owned))),
+        other => Err(bad(format!("unsupported address family {other}"))),
+    }
+}
+
 impl NbdServer {
     /// Binds the address and starts accepting; returns once listening.
     pub fn start(cfg: NbdServerConfig) -> Result<NbdServer, String> {
@@ -107,6 +143,14 @@ impl NbdServer {
                 let l = bind_tcp(host, *port)?;
                 let port = l.local_addr().map(|a| a.port()).ok();
                 (Listener::Tcp(l), None, port)
+            }
+            NbdAddr::Fd(fd) => {
+                let l = listener_from_fd(*fd)?;
+                let port = match &l {
+                    Listener::Tcp(t) => t.local_addr().map(|a| a.port()).ok(),
+                    Listener::Unix(_) => None,
+                };
+                (l, None, port)
             }
         };
         let nonblocking = match &listener {

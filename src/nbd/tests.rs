@@ -823,3 +823,30 @@ fn errors_from_the_node_keep_their_kind() {
     let e = BlockError::new(ErrorKind::ReadOnly, "ro");
     assert_eq!(nbd_errno(e.errno()), EPERM);
 }
+
+#[test]
+fn server_on_an_inherited_listening_fd() {
+    use std::os::fd::AsRawFd;
+    let (_dir, path) = temp_sock("fd");
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let srv = NbdServer::start(NbdServerConfig { addr: NbdAddr::Fd(l.as_raw_fd()), max_connections: 0 }).unwrap();
+    srv.add_export(export_cfg("disk", true), mem_node("n", false)).unwrap();
+    let mut c = UnixStream::connect(&path).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    open(&mut c, "disk", false);
+    request(&mut c, CMD_FLUSH, 0, 1, 0, 0, &[]);
+    assert_eq!(simple(&mut c), (0, 1));
+    srv.stop();
+    assert!(path.exists(), "a socket file the server did not create is left alone");
+    let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let srv = NbdServer::start(NbdServerConfig { addr: NbdAddr::Fd(t.as_raw_fd()), max_connections: 0 }).unwrap();
+    assert_eq!(srv.inet_port(), Some(t.local_addr().unwrap().port()));
+    srv.stop();
+    let f = std::fs::File::open("/dev/null").unwrap();
+    let e = NbdServer::start(NbdServerConfig { addr: NbdAddr::Fd(f.as_raw_fd()), max_connections: 0 }).err().unwrap();
+    assert!(e.contains("fd"), "{e}");
+    let connected = UnixStream::pair().unwrap().0;
+    let e = NbdServer::start(NbdServerConfig { addr: NbdAddr::Fd(connected.as_raw_fd()), max_connections: 0 }).err().unwrap();
+    assert!(e.contains("not a listening"), "{e}");
+    assert!(NbdServer::start(NbdServerConfig { addr: NbdAddr::Fd(-1), max_connections: 0 }).is_err());
+}
