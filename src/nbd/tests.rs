@@ -652,6 +652,33 @@ fn pipelined_requests_complete_out_of_order() {
     disconnect(s, t);
 }
 
+/// Writes through the node to `OPEN_OFFSET`, releasing reads held at the gate.
+fn open_gate(node: &Arc<BlockNode>) {
+    let n = node.clone();
+    crate::runtime::block_on(async move {
+        let mut b = crate::block::AlignedBuf::new(512, 512).unwrap();
+        n.write(OPEN_OFFSET, &b.iovecs(), Default::default()).await.unwrap();
+    })
+    .unwrap();
+}
+
+#[test]
+fn disconnect_answers_in_flight_requests_first() {
+    let reg = Arc::new(Registry::default());
+    let (node, gate) = gated_node("n-disk", false);
+    reg.add_export(export_cfg("disk", true), node.clone()).unwrap();
+    let (mut s, t) = connect(&reg, 1);
+    open(&mut s, "disk", true);
+    request(&mut s, CMD_READ, 0, 1, GATE_OFFSET, 512, &[]);
+    gate.wait_entered();
+    request(&mut s, CMD_DISC, 0, 2, 0, 0, &[]);
+    open_gate(&node);
+    let (f, k, c, p) = chunk(&mut s);
+    assert_eq!((f, k, c, p.len()), (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 1, 8 + 512));
+    assert!(closed(&mut s));
+    t.join().unwrap();
+}
+
 #[test]
 fn hostile_requests_drop_only_that_client() {
     let reg = registry();
@@ -718,12 +745,7 @@ fn remove_export_closes_clients_after_in_flight_requests_then_calls_back() {
     assert!(reg.has_clients("disk"), "still draining");
     assert!(rx.try_recv().is_err(), "a client is still connected");
     // Let the read go on by writing through the node itself.
-    let n2 = node.clone();
-    crate::runtime::block_on(async move {
-        let mut b = crate::block::AlignedBuf::new(512, 512).unwrap();
-        n2.write(OPEN_OFFSET, &b.iovecs(), Default::default()).await.unwrap();
-    })
-    .unwrap();
+    open_gate(&node);
     assert_eq!(simple(&mut s), (0, 1), "the in-flight read is answered");
     read_n(&mut s, 512);
     assert!(closed(&mut s));
