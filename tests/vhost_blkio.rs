@@ -214,7 +214,11 @@ fn read_only_export_rejects_writes() {
     std::fs::OpenOptions::new().write(true).open(&img).expect("img").write_all_at(&[0x77; 4096], 0).expect("seed");
     let sock = dir.join("vhost.sock");
     let _d = serve(&dir, &args(&[file_node(&img, ",read-only=on")], vhost_export(&sock, "f0", "writable=off"), vec![]));
-    let mut c = connect(&sock, 1, MIB as usize);
+    // The device says it is read-only (VIRTIO_BLK_F_RO): libblkio refuses a
+    // read-write connection. (The export's own refusal of write requests is
+    // unit-tested on mock queues in src/vhost.)
+    assert!(try_connect(&sock, 1, MIB as usize).is_err());
+    let mut c = try_connect_opts(&sock, 1, MIB as usize, true).unwrap_or_else(|e| panic!("read-only connect: {e}"));
     assert!(c.read_only);
     c.expect_pattern(0, 4096, 0x77);
     assert!(c.write_pattern(0, 4096, 1) < 0, "a write to a read-only export succeeded");

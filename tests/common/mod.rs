@@ -143,8 +143,17 @@ pub struct Client {
 
 /// Connects with `num_queues` queues and a `region_len`-byte buffer region.
 pub fn try_connect(sock: &Path, num_queues: i32, region_len: usize) -> Result<Client, blkio::Error> {
+    try_connect_opts(sock, num_queues, region_len, false)
+}
+
+/// Connects; with `read_only`, as a read-only client (libblkio refuses a
+/// read-only device otherwise).
+pub fn try_connect_opts(sock: &Path, num_queues: i32, region_len: usize, read_only: bool) -> Result<Client, blkio::Error> {
     let mut b = Blkio::new("virtio-blk-vhost-user")?;
     b.set_str("path", &sock.to_string_lossy())?;
+    if read_only {
+        b.set_bool("read-only", true)?;
+    }
     b.connect()?;
     b.set_i32("num-queues", num_queues)?;
     let out = b.start()?;
