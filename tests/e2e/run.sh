@@ -145,7 +145,10 @@ build_initrd() {
     done | awk '!seen[$0]++' | while read -r path; do
         rel="${path#"$MODROOT"}"
         mkdir -p "$st$(dirname "$rel")"
-        cp "$path" "$st$rel"
+        case "$rel" in
+            *.ko.xz) rel="${rel%.xz}"; xz -dc "$path" > "$st$rel" ;;  # busybox insmod reads plain .ko only
+            *) cp "$path" "$st$rel" ;;
+        esac
         echo "$rel" >> "$st/e2e/modules.list"
     done
     [ -s "$st/e2e/modules.list" ] || die "could not resolve guest kernel modules (kmod's modprobe missing?)"

@@ -171,12 +171,12 @@ if [ "$need_kernel" = 1 ]; then
     mkdir -p "$CACHE/kernel.tmp"
     cp "$CACHE/kernel.pkg/boot/vmlinuz-$kver" "$CACHE/kernel.tmp/vmlinuz"
     cp "$CACHE/kernel.pkg/boot/config-$kver" "$CACHE/kernel.tmp/config" 2>/dev/null || true
-    # The package has no modules.dep and its modules are xz-compressed, which
-    # busybox's insmod/modprobe cannot read: decompress everything (the guest
-    # initramfs only takes the modules it needs) and run depmod.
+    # The package has no modules.dep: run depmod, so that run.sh can resolve
+    # dependencies with modprobe --show-depends. Its modules are
+    # xz-compressed, which busybox's insmod cannot read: run.sh decompresses
+    # the few the guest needs into the initramfs.
     mkdir -p "$CACHE/kernel.tmp/lib/modules"
     mv "$CACHE/kernel.pkg/lib/modules/$kver" "$CACHE/kernel.tmp/lib/modules/$kver"
-    find "$CACHE/kernel.tmp/lib/modules/$kver" -name '*.ko.xz' -print0 | xargs -0 -r -n 64 xz -d -f
     depmod -b "$CACHE/kernel.tmp" "$kver"
     echo "$kver" > "$CACHE/kernel.tmp/KVER"
     echo "$kpkg" > "$CACHE/kernel.tmp/PACKAGE"

@@ -292,18 +292,18 @@ scenario_readonly() {
     if dd if="$PAT/A" of="$DEV" bs=4096 count=1 oflag=direct conv=notrunc 2>/tmp/dd.err; then
         fail "O_DIRECT write to the read-only disk succeeded"
     fi
-    say "O_DIRECT write refused: $(tail -n1 /tmp/dd.err)"
+    say "O_DIRECT write refused: $(head -n1 /tmp/dd.err)"
     if dd if="$PAT/A" of="$DEV" bs=65536 count=1 conv=notrunc,fsync 2>/tmp/dd.err; then
         fail "buffered write + fsync to the read-only disk succeeded"
     fi
-    say "buffered write refused: $(tail -n1 /tmp/dd.err)"
+    say "buffered write refused: $(head -n1 /tmp/dd.err)"
     # try to lift the read-only flag: the kernel must still refuse, or the
     # device must fail the write
     blockdev --setrw "$DEV" 2>/dev/null
     if dd if="$PAT/A" of="$DEV" bs=4096 count=1 oflag=direct conv=notrunc 2>/tmp/dd.err; then
         fail "write after 'blockdev --setrw' to the read-only export succeeded"
     fi
-    say "write after --setrw refused: $(tail -n1 /tmp/dd.err)"
+    say "write after --setrw refused: $(head -n1 /tmp/dd.err)"
     check_region "region B again" "$RO_B_OFF" "$PAT/B" 65536
 }
 
