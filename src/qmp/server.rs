@@ -345,6 +345,30 @@ impl Client {
         self.tx.send(Out { bytes: encode(v, self.shared.pretty), done: None }).is_ok()
     }
 
+    /// Queues the reply to `qmp_capabilities` and turns event delivery on,
+    /// atomically with respect to the event pump (which holds the registry
+    /// lock while it copies an event): every event comes either before the
+    /// client's negotiation (not sent) or after this reply (sent).
+    fn send_negotiated(&self, resp: &Response) -> bool {
+        let out = Out { bytes: encode(resp, self.shared.pretty), done: None };
+        let registry = lock(&self.shared.clients);
+        match self.tx.try_send(out) {
+            Ok(()) => {
+                self.negotiated.store(true, Ordering::SeqCst);
+                true
+            }
+            Err(TrySendError::Full(out)) => {
+                // A client that pipelined a full queue of requests without
+                // reading: wait for room without blocking the pump.
+                drop(registry);
+                let ok = self.tx.send(out).is_ok();
+                self.negotiated.store(true, Ordering::SeqCst);
+                ok
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
     /// Queues `v` and waits until it has been written (or the writer died).
     fn send_flushed(&self, v: &impl serde::Serialize) {
         let (done, written) = mpsc::channel();
@@ -395,11 +419,7 @@ impl Client {
         };
         match after {
             After::Nothing => self.send(&resp),
-            After::Negotiated => {
-                let ok = self.send(&resp);
-                self.negotiated.store(true, Ordering::SeqCst);
-                ok
-            }
+            After::Negotiated => self.send_negotiated(&resp),
             After::Quit => {
                 self.send_flushed(&resp);
                 log::info!("QMP client {}: quit", self.id);
