@@ -10,6 +10,36 @@
 //!   [`args`] parses every command's arguments before it acts.
 //!
 //! [`Monitor`] is what `blkstack serve` starts for each `--monitor`.
+//!
+//! An example session (`socat - UNIX-CONNECT:/run/blkstack/qmp.sock`;
+//! replies end in CRLF, as QEMU's):
+//!
+//! ```text
+//! <- {"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": "blkstack 0.1.0"}, "capabilities": []}}
+//! -> {"execute": "qmp_capabilities"}
+//! <- {"return": {}}
+//! -> {"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "disk0",
+//!        "file": {"driver": "file", "filename": "/var/lib/vm.img"}}}
+//! <- {"return": {}}
+//! -> {"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "/run/nbd.sock"}}}}
+//! <- {"return": {}}
+//! -> {"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "disk0", "writable": true}}
+//! <- {"return": {}}
+//! -> {"execute": "block_resize", "arguments": {"node-name": "disk0", "size": 21474836480}, "id": 7}
+//! <- {"return": {}, "id": 7}
+//! -> {"execute": "blockdev-del", "arguments": {"node-name": "disk0"}}
+//! <- {"error": {"class": "GenericError", "desc": "Node 'disk0' is busy: in use by e0"}}
+//! -> {"execute": "block-export-del", "arguments": {"id": "e0"}}
+//! <- {"return": {}}
+//! <- {"event": "BLOCK_EXPORT_DELETED", "data": {"id": "e0"}, "timestamp": {"seconds": 1764620000, "microseconds": 5120}}
+//! ```
+//!
+//! Commands: `qmp_capabilities`, `query-version`, `query-commands`, `quit`,
+//! `blockdev-add`, `blockdev-del`, `query-named-block-nodes`, `block_resize`,
+//! `query-blockstats`, `block-export-add`, `block-export-del`,
+//! `query-block-exports`, `nbd-server-start`, `nbd-server-stop`. Errors use
+//! QEMU's classes (`GenericError`, `CommandNotFound`) and, where known, its
+//! wording. QEMU's `qemu.qmp` library and `qmp-shell` work against it.
 
 pub mod args;
 pub mod commands;
