@@ -11,11 +11,13 @@
 //! backend is stopped. Within a round each workload runs against every
 //! backend back to back, the first one rotating with the round. A run whose
 //! host steal exceeds `--max-steal` is repeated (up to `--retries` times,
-//! keeping the least-stolen attempt). After a run that wrote, the image is
+//! keeping the least-stolen attempt; at most `--retry-budget` repeats in all,
+//! so a stretch of steal cannot blow the time budget). After a run that wrote, the image is
 //! synced so writeback does not spill into the next run. All raw results go
 //! to `bench/out/results.json`; `--from` rebuilds the report from such a file.
 
 pub mod plan;
+pub mod profile;
 pub mod report;
 pub mod runner;
 pub mod svg;
@@ -88,6 +90,12 @@ pub struct CompareArgs {
     /// Repeats allowed per run for steal.
     #[arg(long, default_value_t = 2)]
     pub retries: u32,
+    /// Repeats allowed in the whole comparison (default: one per six runs).
+    #[arg(long)]
+    pub retry_budget: Option<usize>,
+    /// Skip the `perf` profile of blkstack (done after full runs when `perf` works).
+    #[arg(long)]
+    pub no_profile: bool,
     /// Rebuild the report from a results.json instead of running.
     #[arg(long, value_name = "RESULTS_JSON")]
     pub from: Option<PathBuf>,
@@ -170,6 +178,12 @@ pub struct CompareOutput {
     pub workloads: Vec<String>,
     /// Every run.
     pub records: Vec<RunRecord>,
+    /// Steal repeats skipped because the retry budget was spent.
+    #[serde(default)]
+    pub retries_skipped: usize,
+    /// `perf` profiles of blkstack.
+    #[serde(default)]
+    pub profiles: Vec<profile::Profile>,
 }
 
 /// Runs `blkstack bench compare`.
@@ -323,6 +337,8 @@ pub fn utc_now() -> String {
 
 struct Ctx<'a> {
     args: &'a CompareArgs,
+    retries_left: std::cell::Cell<usize>,
+    retries_skipped: std::cell::Cell<usize>,
     tools: &'a Tools,
     seconds: f64,
     ramp: f64,
@@ -358,8 +374,19 @@ fn run_all(args: &CompareArgs) -> Result<CompareOutput, String> {
         .to_string_lossy()
         .into_owned();
     let mut machine = machine(&tools);
-    let ctx = Ctx { args, tools: &tools, seconds, ramp, socket, logs, image };
     let total: usize = workloads.iter().map(|w| w.backends.len()).sum::<usize>() * rounds;
+    let budget = args.retry_budget.unwrap_or(total.div_ceil(6));
+    let ctx = Ctx {
+        args,
+        retries_left: std::cell::Cell::new(budget),
+        retries_skipped: std::cell::Cell::new(0),
+        tools: &tools,
+        seconds,
+        ramp,
+        socket,
+        logs,
+        image,
+    };
     eprintln!(
         "compare: {total} runs ({rounds} rounds x {} workloads), {seconds} s + {ramp} s ramp each",
         workloads.len()
@@ -379,6 +406,10 @@ fn run_all(args: &CompareArgs) -> Result<CompareOutput, String> {
         }
     }
     machine.load_after = super::procfs::loadavg_1m().unwrap_or(0.0);
+    let profiles = match (&tools.blkstack, args.quick || args.no_profile) {
+        (Some(b), false) => profile_blkstack(&ctx, b, &workloads),
+        _ => Vec::new(),
+    };
     let out = CompareOutput {
         started,
         wall_s: t0.elapsed().as_secs_f64(),
@@ -395,6 +426,8 @@ fn run_all(args: &CompareArgs) -> Result<CompareOutput, String> {
         notes,
         workloads: workloads.iter().map(|w| w.id.to_string()).collect(),
         records,
+        retries_skipped: ctx.retries_skipped.get(),
+        profiles,
     };
     let path = out_dir.join("results.json");
     let json = serde_json::to_string_pretty(&out).map_err(|e| format!("JSON: {e}"))?;
@@ -461,9 +494,15 @@ fn run_with_retries(ctx: &Ctx, w: &WorkloadSpec, b: &BackendSpec, round: usize, 
                     rec.result = Some(r);
                     rec.error = None;
                 }
-                if steal <= ctx.args.max_steal {
+                if steal <= ctx.args.max_steal || attempt > ctx.args.retries {
                     break;
                 }
+                if ctx.retries_left.get() == 0 {
+                    ctx.retries_skipped.set(ctx.retries_skipped.get() + 1);
+                    eprintln!("compare: {tag}: steal {steal:.1} % but the retry budget is spent");
+                    break;
+                }
+                ctx.retries_left.set(ctx.retries_left.get() - 1);
                 eprintln!("compare: {tag}: steal {steal:.1} % > {} %, repeating", ctx.args.max_steal);
             }
             Err(e) => {
@@ -477,6 +516,37 @@ fn run_with_retries(ctx: &Ctx, w: &WorkloadSpec, b: &BackendSpec, round: usize, 
     rec
 }
 
+/// Profiles blkstack with `perf` on the QD32 and QD1 random-read workloads
+/// (separate runs, not counted in the figures).
+fn profile_blkstack(ctx: &Ctx, blkstack: &Path, workloads: &[WorkloadSpec]) -> Vec<profile::Profile> {
+    if first_line(Path::new("perf"), &["--version"]).is_none() {
+        eprintln!("compare: perf not found, no profile");
+        return Vec::new();
+    }
+    let mut v = Vec::new();
+    for id in ["rr32", "rr1", "rw32"] {
+        let Some(w) = workloads.iter().find(|w| w.id == id) else { continue };
+        let Some(b) = w.backends.iter().find(|b| b.is_blkstack()) else { continue };
+        let params = LaunchParams {
+            image: &ctx.image,
+            size: ctx.args.image_size,
+            socket: ctx.socket.to_str().unwrap_or("bench.sock"),
+            poll_us: ctx.args.poll_us,
+        };
+        let bargs = plan::backend_args(b, w, &params);
+        let tag = format!("profile-{id}");
+        let r = profile::run(ctx.logs.as_path(), &tag, |hook| run_once_with(ctx, w, b, blkstack, &bargs, &tag, Some(hook)));
+        match r {
+            Ok(p) => v.push(p),
+            Err(e) => eprintln!("compare: profile of {id} failed: {e}"),
+        }
+        if w.rw.writes() {
+            let _ = runner::sync_image(Path::new(&ctx.image));
+        }
+    }
+    v
+}
+
 fn run_once(
     ctx: &Ctx,
     w: &WorkloadSpec,
@@ -484,6 +554,22 @@ fn run_once(
     prog: &Path,
     bargs: &[String],
     tag: &str,
+) -> Result<BenchResult, String> {
+    run_once_with(ctx, w, b, prog, bargs, tag, None)
+}
+
+/// Called with the backend's PID and the client's ramp and measured seconds
+/// once the client is running; returns what to wait for afterwards.
+pub type Hook<'a> = &'a mut dyn FnMut(u32, f64, f64) -> Option<std::process::Child>;
+
+fn run_once_with(
+    ctx: &Ctx,
+    w: &WorkloadSpec,
+    b: &BackendSpec,
+    prog: &Path,
+    bargs: &[String],
+    tag: &str,
+    hook: Option<Hook>,
 ) -> Result<BenchResult, String> {
     let blog = ctx.logs.join(format!("{tag}.backend.log"));
     let mut backend = Backend::start(prog, bargs, &ctx.socket, &blog)?;
@@ -511,7 +597,9 @@ fn run_once(
     let json = ctx.logs.join(format!("{tag}.json"));
     let clog = ctx.logs.join(format!("{tag}.client.log"));
     let limit = Duration::from_secs_f64(ctx.seconds + ctx.ramp + 30.0);
-    let r = runner::run_client(&ctx.tools.exe, &cargs, &json, limit, &clog);
+    let r = runner::run_client(&ctx.tools.exe, &cargs, &json, limit, &clog, |_| {
+        hook.map(|h| h(backend.pid(), ctx.ramp, ctx.seconds))
+    });
     // CH exits by itself once the client is gone; the others are stopped.
     let grace = if b.engine == Engine::Ch { Duration::from_secs(2) } else { Duration::ZERO };
     backend.stop(grace);
@@ -596,6 +684,8 @@ mod tests {
             notes: vec![],
             workloads: vec!["rr32".into(), "null".into()],
             records,
+            retries_skipped: 0,
+            profiles: vec![],
         }
     }
 

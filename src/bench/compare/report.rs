@@ -241,12 +241,13 @@ fn machine_section(s: &mut String, out: &CompareOutput) {
     );
     let _ = writeln!(
         s,
-        "- Host steal per run: median {:.2} %, max {:.2} %; {} run(s) repeated for steal > {} %, {} still above after repeats.",
+        "- Host steal per run: median {:.2} %, max {:.2} %; {} run(s) repeated for steal > {} %, {} still above after repeats ({} repeat(s) skipped: retry budget spent).",
         median(steals.clone()).unwrap_or(0.0),
         steals.iter().copied().fold(0.0, f64::max),
         repeated,
         out.max_steal,
-        over
+        over,
+        out.retries_skipped
     );
     let _ = writeln!(
         s,
@@ -283,6 +284,25 @@ fn method_section(s: &mut String, out: &CompareOutput) {
          CPU is the backend's utime+stime per wall second; RSS is VmRSS at the end of the measured time."
     );
     let _ = writeln!(s, "- Ratios are blkstack ÷ other for every column: above 1 is better for IOPS, MiB/s and IOPS/CPU-s; below 1 is better for latency, CPU and RSS.");
+}
+
+fn profiles(s: &mut String, out: &CompareOutput) {
+    if out.profiles.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "\n## Profile of blkstack (`perf record -g`, self time)\n");
+    let _ = writeln!(s, "Separate runs under `perf` (not counted above), sampled at 1999 Hz during the measured part.");
+    for p in &out.profiles {
+        let _ = writeln!(
+            s,
+            "\n### `{}`: {} IOPS, backend CPU {} s/s\n\n```\n{}\n\n{}\n```",
+            p.workload,
+            num(p.iops),
+            opt(p.cpu_s_per_s),
+            p.dsos,
+            p.symbols
+        );
+    }
 }
 
 fn failures(s: &mut String, out: &CompareOutput) {
@@ -328,6 +348,7 @@ pub fn markdown(out: &CompareOutput) -> String {
     scaling(&mut s, &st);
     machine_section(&mut s, out);
     method_section(&mut s, out);
+    profiles(&mut s, out);
     failures(&mut s, out);
     let _ = writeln!(s, "\n## Reproduce\n");
     let _ = writeln!(s, "```\nmake bench                     # = bash bench/compare.sh (full run, ~25 min on 2 cores)\nbash bench/compare.sh --quick  # 1 round, 2 s per run, main workloads\ntarget/release/blkstack bench compare --only rr32 --rounds 1\ntarget/release/blkstack bench compare --from bench/out/results.json  # rebuild this report\n```");

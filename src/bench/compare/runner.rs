@@ -150,8 +150,16 @@ fn wait_for(child: &mut Child, limit: Duration) -> bool {
 }
 
 /// Runs the client (`exe bench <args> --json <json>`) with a time limit and
-/// returns its parsed result.
-pub fn run_client(exe: &Path, args: &[String], json: &Path, limit: Duration, log: &Path) -> Result<BenchResult, String> {
+/// returns its parsed result. `started` is called once the client runs; a
+/// process it returns (a profiler) is waited for after the client.
+pub fn run_client(
+    exe: &Path,
+    args: &[String],
+    json: &Path,
+    limit: Duration,
+    log: &Path,
+    started: impl FnOnce(u32) -> Option<Option<Child>>,
+) -> Result<BenchResult, String> {
     let _ = fs::remove_file(json);
     let out = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| format!("{}: {e}", log.display()))?;
@@ -166,7 +174,14 @@ pub fn run_client(exe: &Path, args: &[String], json: &Path, limit: Duration, log
         .stderr(err)
         .spawn()
         .map_err(|e| format!("start client: {e}"))?;
+    let helper = started(child.id()).flatten();
     let ok = wait_for(&mut child, limit);
+    if let Some(mut h) = helper {
+        if !wait_for(&mut h, Duration::from_secs(10)) {
+            let _ = h.kill();
+        }
+        let _ = h.wait();
+    }
     if !ok {
         let _ = child.kill();
         let _ = child.wait();
