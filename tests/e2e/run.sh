@@ -423,7 +423,8 @@ run_scenario() {
             -serial "file:$SERIAL" -serial "unix:$CTL,server=on,wait=off" >> "$QLOG" 2>&1 &
         QPID=$!
         while kill -0 "$QPID" 2>/dev/null; do
-            tr -d '\r' < "$SERIAL" | grep -q "^E2E-RESULT [A-Z]* $scen $token" && break
+            # (grep without -q: an early exit would SIGPIPE tr, and pipefail)
+            tr -d '\r' < "$SERIAL" | grep "^E2E-RESULT [A-Z]* $scen $token" > /dev/null && break
             # sync points
             for name in $(tr -d '\r' < "$SERIAL" | awk -v t="$token" '$1 == "E2E-SYNC" && $3 == t { print $2 }'); do
                 case " $handled " in *" $name "*) continue ;; esac
@@ -454,7 +455,7 @@ run_scenario() {
         [ "$qrc" = 124 ] && echo "+ qemu killed by the $BOOT_TIMEOUT s timeout" >> "$QLOG"
         [ "$qrc" = 0 ] || [ "$qrc" = 143 ] || echo "+ qemu exit status $qrc" >> "$QLOG"
 
-        result="$(tr -d '\r' < "$SERIAL" | grep -m1 "^E2E-RESULT [A-Z]* $scen $token" || true)"
+        result="$(tr -d '\r' < "$SERIAL" | grep "^E2E-RESULT [A-Z]* $scen $token" | sed -n 1p || true)"
         if [ -n "$DAEMON_ERR" ]; then
             reason="$DAEMON_ERR"
         elif [ -z "$result" ]; then
@@ -505,7 +506,8 @@ run_shell() {
 T_START="$(now_ms)"
 make_patterns
 build_initrd
-echo "e2e: backend $BACKEND (${DAEMON[*]}), kernel $KVER, $(qemu-system-x86_64 --version | head -n1)"
+qv="$(qemu-system-x86_64 --version)"
+echo "e2e: backend $BACKEND (${DAEMON[*]}), kernel $KVER, ${qv%%$'\n'*}"
 
 if [ -n "$SHELL_SCENARIO" ]; then
     run_shell "$SHELL_SCENARIO"

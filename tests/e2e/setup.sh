@@ -85,7 +85,7 @@ ensure_backports() {
 }
 
 backports_known() {
-    apt-cache policy 2>/dev/null | grep -q 'bookworm-backports'
+    apt-cache policy 2>/dev/null | grep 'bookworm-backports' >/dev/null
 }
 
 # --------------------------------------------------------------- host packages
@@ -139,8 +139,9 @@ if [ "$need_qemu" = 1 ]; then
     as_root apt-get install -y -qq -t bookworm-backports --no-install-recommends \
         qemu-system-x86 qemu-utils
 fi
-qemu-system-x86_64 --version | head -n1 >&2
-qemu-storage-daemon --version | head -n1 >&2
+# (no "| head" here: under pipefail a SIGPIPE would fail the script)
+v="$(qemu-system-x86_64 --version)" || die "qemu-system-x86_64 does not run"; log "${v%%$'\n'*}"
+v="$(qemu-storage-daemon --version)" || die "qemu-storage-daemon does not run"; log "${v%%$'\n'*}"
 
 # ------------------------------------------------------- guest kernel + busybox
 # Download into a scratch directory as the _apt user can't always write into
@@ -159,14 +160,14 @@ if [ "$need_kernel" = 1 ]; then
     apt_update
     # The backports meta package names the current 6.12 image package.
     kpkg="$(apt-cache depends -t bookworm-backports linux-image-amd64 2>/dev/null \
-            | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')"
+            | awk '/Depends: linux-image-[0-9]/ && !n++ { print $2 }')"
     [ -n "$kpkg" ] || kpkg="$(apt-cache search --names-only '^linux-image-6\.12\..*-amd64$' \
             | awk '{ print $1 }' | grep -v -- '-dbg' | grep -v unsigned | sort -V | tail -n1)"
     [ -n "$kpkg" ] || die "no linux-image-6.12.*-amd64 found in bookworm-backports"
     log "downloading guest kernel $kpkg"
     rm -rf "$CACHE/kernel"
     dl_pkg "$kpkg" "$CACHE/kernel.pkg" -t bookworm-backports
-    kdir="$(ls -d "$CACHE"/kernel.pkg/lib/modules/*/ | head -n1)"
+    kdir="$(set -- "$CACHE"/kernel.pkg/lib/modules/*/; echo "$1")"
     kver="$(basename "$kdir")"
     mkdir -p "$CACHE/kernel.tmp"
     cp "$CACHE/kernel.pkg/boot/vmlinuz-$kver" "$CACHE/kernel.tmp/vmlinuz"
@@ -193,6 +194,7 @@ if [ "$need_busybox" = 1 ]; then
     cp "$CACHE/busybox.pkg/bin/busybox" "$CACHE/busybox/bin/busybox"
     rm -rf "$CACHE/busybox.pkg"
 fi
-"$CACHE/busybox/bin/busybox" 2>&1 | head -n1 >&2
+[ -n "$("$CACHE/busybox/bin/busybox" --list 2>/dev/null)" ] || die "$CACHE/busybox/bin/busybox does not run"
+log "busybox: $("$CACHE/busybox/bin/busybox" --help 2>&1 | sed -n 1p || true)"
 
 log "ok"
