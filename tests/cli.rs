@@ -115,3 +115,37 @@ fn help_documents_the_options() {
         assert!(text.contains(opt), "serve --help lacks {opt}");
     }
 }
+
+#[test]
+fn sigterm_drains_flushes_and_exits_zero() {
+    let dir = scratch("cli-term");
+    let img = image(&dir, "disk.img", 8 << 20);
+    let sock = dir.join("v.sock");
+    let pidfile = dir.join("p.pid");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_blkstack"))
+        .args(["serve", "--blockdev", &format!("driver=file,node-name=f0,filename={}", img.display())])
+        .args(["--export", &vhost_export(&sock, "f0", "writable=on")])
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // The pidfile is written once every export is listening.
+    let mut waited = 0;
+    while !pidfile.exists() {
+        assert!(waited < 2000, "blkstack did not come up");
+        assert!(child.try_wait().expect("try_wait").is_none(), "blkstack exited early");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        waited += 1;
+    }
+    let mut c = connect(&sock, 1, 1 << 20);
+    assert_eq!(c.write_pattern(0, 65536, 0x6c), 0);
+    drop(c);
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "blkstack did not exit 0 on SIGTERM");
+    assert!(!pidfile.exists(), "pidfile left behind");
+    let data = std::fs::read(&img).expect("image");
+    assert!(data[..65536].iter().all(|&b| b == 0x6c));
+}

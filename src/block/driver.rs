@@ -143,6 +143,12 @@ pub trait BlockDriver: Send + Sync {
         boxed(async move { Ok(BlockStatus { allocated: true, zero: false, data: true, len }) })
     }
 
+    /// Makes the image read as empty (all zeroes / unallocated), as block
+    /// jobs' commit does to an overlay; formats implement it.
+    fn make_empty(&self) -> IoFuture<'_, ()> {
+        boxed(async { Err(BlockError::unsupported("make-empty")) })
+    }
+
     /// Changes the length.
     fn truncate(&self, _len: u64) -> IoFuture<'_, ()> {
         boxed(async { Err(BlockError::unsupported("resize")) })

@@ -473,6 +473,12 @@ impl BlockNode {
         Ok(st)
     }
 
+    /// Empties the image (formats only; "unsupported" elsewhere).
+    pub async fn make_empty(&self) -> BlockResult<()> {
+        self.check_writable()?;
+        self.driver.make_empty().await
+    }
+
     /// Changes the length and tells the exports (resize hooks).
     pub async fn truncate(&self, len: u64) -> BlockResult<()> {
         self.check_writable()?;
