@@ -17,6 +17,8 @@
 //! (REM_MEM_REG) stays mapped until the request is done.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk as vb;
@@ -24,7 +26,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::config::{ID_BYTES, MAX_DISCARD_SECTORS, SECTOR_SIZE};
-use crate::block::{BlockError, BlockNode, ErrorKind, IoVecs, WriteFlags};
+use crate::block::{BlockError, BlockNode, BlockResult, ErrorKind, IoVecs, WriteFlags};
 
 /// Status byte: success.
 pub const S_OK: u8 = vb::VIRTIO_BLK_S_OK as u8;
@@ -423,22 +425,32 @@ impl Request {
     /// Runs the request against `node`. Returns the status byte and the used
     /// length, and the error that made it fail, if any.
     pub async fn execute(&self, node: &BlockNode, id: &[u8; ID_BYTES], write_through: bool) -> (u8, u32, Option<BlockError>) {
-        let flags = WriteFlags { fua: write_through };
         let r = match self.op {
-            Op::Read => node.read(self.offset, &self.data).await,
-            Op::Write => node.write(self.offset, &self.data, flags).await,
-            Op::Flush => node.flush().await,
             Op::GetId => {
                 self.data.copy_from(0, id);
                 Ok(())
             }
-            Op::Discard => node.discard(self.offset, self.len).await,
-            Op::WriteZeroes { unmap } => node.write_zeroes(self.offset, self.len, unmap, flags).await,
+            _ => self.io(node, write_through).await,
         };
         match r {
             Ok(()) => (S_OK, self.used_len, None),
             Err(e) if e.kind() == ErrorKind::Unsupported => (S_UNSUPP, 1, Some(e)),
             Err(e) => (S_IOERR, 1, Some(e)),
+        }
+    }
+
+    /// The node operation, boxed: the block layer's futures are large (up to
+    /// a kilobyte) and differ per operation, so keeping them inline would make
+    /// every request task as large as the largest one, copied on each spawn.
+    fn io<'a>(&'a self, node: &'a BlockNode, write_through: bool) -> Pin<Box<dyn Future<Output = BlockResult<()>> + 'a>> {
+        let flags = WriteFlags { fua: write_through };
+        match self.op {
+            Op::Read => Box::pin(node.read(self.offset, &self.data)),
+            Op::Write => Box::pin(node.write(self.offset, &self.data, flags)),
+            Op::Flush => Box::pin(node.flush()),
+            Op::Discard => Box::pin(node.discard(self.offset, self.len)),
+            Op::WriteZeroes { unmap } => Box::pin(node.write_zeroes(self.offset, self.len, unmap, flags)),
+            Op::GetId => Box::pin(std::future::ready(Ok(()))),
         }
     }
 
