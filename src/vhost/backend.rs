@@ -250,7 +250,6 @@ struct Worker {
 }
 
 impl Worker {
-
     /// Handles one event: pops new requests on a kick, runs the runtime,
     /// completes; then busy-polls for `poll-us` if configured.
     fn serve(&self, kick: bool) {

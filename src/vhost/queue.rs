@@ -14,6 +14,11 @@
 //! lock, and no allocation once the list has grown), in completion order —
 //! requests complete out of order.
 //!
+//! Request tasks are never cancelled: a started request runs to completion
+//! (a worker drains its runtime before dropping it), and it holds the guest
+//! memory snapshot its buffers point into, so memory the kernel may still be
+//! reading or writing is never unmapped under it.
+//!
 //! After the frontend went away the context is *detached*: requests still in
 //! flight run to completion against the node, but nothing more is written to
 //! the used ring. The frontend re-submits everything past the used index
