@@ -88,9 +88,7 @@ impl VhostBlkConfig {
         }
         let lbs = self.logical_block_size;
         if !lbs.is_power_of_two() || !(512..=MAX_LOGICAL_BLOCK_SIZE).contains(&lbs) {
-            return Err(format!(
-                "logical-block-size: {lbs} is not a power of two between 512 and {MAX_LOGICAL_BLOCK_SIZE}"
-            ));
+            return Err(format!("logical-block-size: {lbs} is not a power of two between 512 and {MAX_LOGICAL_BLOCK_SIZE}"));
         }
         let qs = self.queue_size;
         if !qs.is_power_of_two() || !(4..=MAX_QUEUE_SIZE).contains(&qs) {

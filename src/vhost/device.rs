@@ -52,11 +52,7 @@ impl Device {
 
     /// What the request parser checks against.
     pub fn geometry(&self) -> Geometry {
-        Geometry {
-            capacity: self.capacity.load(Relaxed),
-            lbs: self.cfg.logical_block_size,
-            read_only: !self.cfg.writable,
-        }
+        Geometry { capacity: self.capacity.load(Relaxed), lbs: self.cfg.logical_block_size, read_only: !self.cfg.writable }
     }
 
     /// Records a new node length (resize hook).
@@ -96,16 +92,19 @@ impl Device {
         })
     }
 
+    /// Sets the write-cache mode (`true`: write-back).
+    pub fn set_wce(&self, wce: bool, why: &str) {
+        let old = self.wce.swap(wce, Relaxed);
+        if old != wce {
+            let mode = if wce { "write-back" } else { "write-through" };
+            log::info!("vhost-user-blk export '{}': cache mode {mode} ({why})", self.id());
+        }
+    }
+
     /// Applies a SET_CONFIG write: only the WCE byte is writable.
     pub fn set_config(&self, offset: u32, buf: &[u8]) {
         match wce_from_write(offset, buf) {
-            Some(wce) => {
-                let old = self.wce.swap(wce, Relaxed);
-                if old != wce {
-                    let mode = if wce { "write-back" } else { "write-through" };
-                    log::info!("vhost-user-blk export '{}': guest switched the cache to {mode}", self.id());
-                }
-            }
+            Some(wce) => self.set_wce(wce, "set by the guest"),
             None => log::debug!(
                 "vhost-user-blk export '{}': ignoring a write of {} bytes at {offset} to read-only config fields",
                 self.id(),

@@ -80,13 +80,7 @@ impl Client {
 
 fn start(dir: &Path, writable: bool, queues: u16) -> (VhostBlkExport, std::sync::Arc<std::sync::atomic::AtomicU64>) {
     let (node, flushes) = MemDisk::node(DISK, !writable, None);
-    let cfg = VhostBlkConfig {
-        id: "e0".into(),
-        path: dir.join("vhost.sock"),
-        writable,
-        num_queues: queues,
-        ..Default::default()
-    };
+    let cfg = VhostBlkConfig { id: "e0".into(), path: dir.join("vhost.sock"), writable, num_queues: queues, ..Default::default() };
     match VhostBlkExport::start(cfg, node) {
         Ok(e) => (e, flushes),
         Err(e) => panic!("export did not start: {e}"),

@@ -50,13 +50,7 @@ pub struct QueueCtx {
 impl QueueCtx {
     /// A context for queue `index` of `dev`.
     pub fn new(dev: Arc<Device>, index: u16) -> Rc<Self> {
-        Rc::new(QueueCtx {
-            dev,
-            index,
-            done: RefCell::new(Vec::new()),
-            scratch: RefCell::new(Vec::new()),
-            detached: Cell::new(false),
-        })
+        Rc::new(QueueCtx { dev, index, done: RefCell::new(Vec::new()), scratch: RefCell::new(Vec::new()), detached: Cell::new(false) })
     }
 
     /// Stops writing to the used ring (the frontend is gone).

@@ -216,9 +216,7 @@ where
         Err(why) => return Parsed::Drop { head, why },
     };
     match parse_body(scratch, mem, g) {
-        Ok((op, offset, len, data, used_len)) => {
-            Parsed::Ok(Request { op, offset, len, data, head, status, used_len, mem: mem.clone() })
-        }
+        Ok((op, offset, len, data, used_len)) => Parsed::Ok(Request { op, offset, len, data, head, status, used_len, mem: mem.clone() }),
         Err(Refuse(code, why)) => Parsed::Fail { head, status, code, why },
     }
 }

@@ -654,6 +654,12 @@ fn get_config_and_set_config_through_the_backend() {
     let seg = h.segment(0, 1, 0);
     h.expect_status(T_WZ, 0, &[(seg, 16, false)], S_OK);
     assert_eq!(h.flushes.load(SeqCst), f0 + 2);
+    // A driver without FLUSH gets write-through; a new connection resets.
+    backend.acked_features(1 << vb::VIRTIO_BLK_F_CONFIG_WCE);
+    assert!(h.dev.write_through());
+    drop(BlkBackend::new(h.dev.clone(), GuestMemoryAtomic::new(GuestMemoryMmap::new())));
+    assert!(!h.dev.write_through());
+    backend.set_config(WCE_OFFSET as u32, &[0]).expect("set_config");
     // Read-only fields ignore writes; the WCE byte goes back on.
     backend.set_config(0, &[0xff; 8]).expect("set_config");
     assert_eq!(backend.get_config(0, 8), (DISK / 512).to_le_bytes());
