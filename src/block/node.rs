@@ -44,6 +44,8 @@ pub struct NodeOptions {
     pub detect_zeroes: DetectZeroes,
     /// `cache.no-flush`: flushes succeed without reaching the driver.
     pub no_flush: bool,
+    /// `cache.direct` as given (or inherited); reported by QMP.
+    pub direct: bool,
 }
 
 type ResizeHook = Box<dyn Fn(u64) + Send + Sync>;

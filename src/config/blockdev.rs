@@ -236,7 +236,7 @@ fn open(plan: NodePlan, opened: &mut Vec<Arc<BlockNode>>) -> Result<Arc<BlockNod
             Box::new(RawDriver::new(child, &o)?)
         }
     };
-    let opts = NodeOptions { read_only, discard_unmap: s.discard_unmap.unwrap_or(false), detect_zeroes: plan.detect_zeroes, no_flush: s.no_flush.unwrap_or(false) };
+    let opts = NodeOptions { read_only, discard_unmap: s.discard_unmap.unwrap_or(false), detect_zeroes: plan.detect_zeroes, no_flush: s.no_flush.unwrap_or(false), direct: s.direct.unwrap_or(false) };
     let node = BlockNode::new(plan.name, plan.implicit, driver, opts);
     opened.push(node.clone());
     Ok(node)

@@ -111,22 +111,29 @@ impl Daemon {
         let addr = match &opts.addr {
             SocketAddr::Unix(p) => NbdAddr::Unix(p.clone()),
             SocketAddr::Inet { host, port } => NbdAddr::Inet { host: host.clone(), port: *port },
-            SocketAddr::Fd(_) => return Err("Parameter 'addr.type': the NBD server does not take an inherited fd".into()),
+            SocketAddr::Fd(fd) => NbdAddr::Fd(*fd),
         };
         let server = NbdServer::start(NbdServerConfig { addr, max_connections: opts.max_connections })?;
         *nbd = Some(Arc::new(server));
         Ok(())
     }
 
-    /// `nbd-server-stop`: refused while NBD exports exist.
+    /// `nbd-server-stop`: as in qemu-storage-daemon, the NBD exports go with
+    /// the server (their clients are disconnected) and each one's
+    /// `BLOCK_EXPORT_DELETED` follows.
     pub fn nbd_server_stop(&self) -> Result<(), String> {
         let mut nbd = lock(&self.nbd);
-        let Some(server) = nbd.as_ref() else { return Err("NBD server not running".into()) };
-        if lock(&self.exports).iter().any(|e| matches!(e.running, Running::Nbd { .. })) {
-            return Err("NBD server has exports; delete them first (block-export-del)".into());
-        }
+        let Some(server) = nbd.take() else { return Err("NBD server not running".into()) };
+        let removed: Vec<String> = {
+            let mut exports = lock(&self.exports);
+            let ids = exports.iter().filter(|e| matches!(e.running, Running::Nbd { .. })).map(|e| e.opts.id().to_string()).collect();
+            exports.retain(|e| !matches!(e.running, Running::Nbd { .. }));
+            ids
+        };
         server.stop();
-        *nbd = None;
+        for id in removed {
+            self.emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
+        }
         Ok(())
     }
 

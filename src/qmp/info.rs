@@ -58,8 +58,7 @@ fn detect_zeroes(d: DetectZeroes) -> &'static str {
 }
 
 fn cache_direct(node: &Arc<BlockNode>) -> bool {
-    let leaf = protocol_leaf(node);
-    leaf.format_name() == "file" && leaf.limits().request_alignment > 1
+    node.options().direct
 }
 
 /// Host bytes allocated to the image file, for `file`-based nodes.
