@@ -313,6 +313,24 @@ def test_blockdev_del_refused_while_exported_then_export_deleted_event(daemon):
     run(t())
 
 
+def test_nbd_server_stop_deletes_its_exports(daemon):
+    async def t():
+        qmp = await client(daemon)
+        await add_raw_node(qmp, daemon)
+        url = await nbd_export(qmp, daemon)
+        qemu_io(url, "write -P 0x22 0 64k")
+        with qmp.listener("BLOCK_EXPORT_DELETED") as ev:
+            await qmp.execute("nbd-server-stop")
+            assert (await ev.get())["data"] == {"id": "nbd0"}
+        assert await qmp.execute("query-block-exports") == []
+        await expect_error(qmp, "nbd-server-stop", {}, "GenericError")
+        assert not os.path.exists(daemon.path("nbd.sock"))
+        # The node is free again.
+        await qmp.execute("blockdev-del", {"node-name": "disk0"})
+        await qmp.disconnect()
+    run(t())
+
+
 def test_block_resize_is_seen_by_nbd_clients(daemon):
     async def t():
         qmp = await client(daemon)
