@@ -303,9 +303,10 @@ fn selected(args: &CompareArgs) -> Result<Vec<WorkloadSpec>, String> {
             return Err(format!("--only: unknown workload '{id}' (known: {})", ids.join(", ")));
         }
     }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut v: Vec<WorkloadSpec> = all
         .into_iter()
-        .filter(|w| if args.only.is_empty() { !args.quick || w.quick } else { args.only.iter().any(|o| o == w.id) })
+        .filter(|w| if args.only.is_empty() { (!args.quick || w.quick) && plan::fits(w, cpus) } else { args.only.iter().any(|o| o == w.id) })
         .collect();
     if !args.backends.is_empty() {
         for w in &mut v {

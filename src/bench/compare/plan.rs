@@ -174,7 +174,14 @@ pub fn workloads() -> Vec<WorkloadSpec> {
         wl("null", "null 4k randread QD32", Randread, K4, 32, 1, Null, false, true, null),
         wl("mq2", "4k randread QD32, 2 queues", Randread, K4, 32, 2, File, false, false, trio(false)),
         wl("mq4", "4k randread QD32, 4 queues", Randread, K4, 32, 4, File, false, false, trio(false)),
+        wl("mq8", "4k randread QD32, 8 queues", Randread, K4, 32, 8, File, false, false, trio(false)),
     ]
+}
+
+/// Whether a workload makes sense on a machine with `cpus` CPUs: 8 queues
+/// (8 client threads and 8 backend threads) only with 16 or more.
+pub fn fits(w: &WorkloadSpec, cpus: usize) -> bool {
+    w.queues < 8 || cpus >= 16
 }
 
 /// The backends of `w` in the order round `round` runs them: rotated by

@@ -305,6 +305,29 @@ fn profiles(s: &mut String, out: &CompareOutput) {
     }
 }
 
+fn all_runs(s: &mut String, out: &CompareOutput) {
+    let _ = writeln!(s, "\n<details><summary>Every run (in run order)</summary>\n");
+    let _ = writeln!(s, "| round | workload | backend | IOPS | MiB/s | p50 µs | p99 µs | CPU s/s | steal % | busy CPUs | attempts |");
+    let _ = writeln!(s, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &out.records {
+        let cells = match &r.result {
+            Some(x) => format!(
+                "{} | {} | {} | {} | {} | {} | {}",
+                num(x.iops),
+                num(x.mib_s),
+                num(x.lat_us.p50),
+                num(x.lat_us.p99),
+                opt(x.backend.as_ref().and_then(|b| b.cpu_s_per_s)),
+                opt(x.host.steal_pct),
+                opt(x.host.busy_cpus)
+            ),
+            None => "failed | | | | | |".to_string(),
+        };
+        let _ = writeln!(s, "| {} | {} | {} | {cells} | {} |", r.round + 1, r.workload, r.backend, r.attempts);
+    }
+    let _ = writeln!(s, "\n</details>");
+}
+
 fn failures(s: &mut String, out: &CompareOutput) {
     let failed: Vec<&RunRecord> = out.records.iter().filter(|r| r.result.is_none()).collect();
     if failed.is_empty() {
@@ -340,7 +363,7 @@ pub fn markdown(out: &CompareOutput) -> String {
         };
         let _ = writeln!(s, "| {} | {} | {met} |", t.what, t.measured);
     }
-    let _ = writeln!(s, "| multi-queue 4k randread QD32 scaling ≥ 90 % of linear to 8 queues | not measurable on {} CPUs; see below | – |", out.machine.cpus);
+    let _ = writeln!(s, "{}", scaling_target(&st, out.machine.cpus));
     let _ = writeln!(s, "\n## Results (medians of {} round(s))", out.rounds);
     for w in &ws {
         workload_table(&mut s, w, &st);
@@ -350,6 +373,7 @@ pub fn markdown(out: &CompareOutput) -> String {
     method_section(&mut s, out);
     profiles(&mut s, out);
     failures(&mut s, out);
+    all_runs(&mut s, out);
     let _ = writeln!(s, "\n## Reproduce\n");
     let _ = writeln!(s, "```\nmake bench                     # = bash bench/compare.sh (full run, ~25 min on 2 cores)\nbash bench/compare.sh --quick  # 1 round, 2 s per run, main workloads\ntarget/release/blkstack bench compare --only rr32 --rounds 1\ntarget/release/blkstack bench compare --from bench/out/results.json  # rebuild this report\n```");
     if let Some(r) = out.records.iter().find(|r| r.workload == "rr32" && r.backend == "blkstack") {
@@ -358,14 +382,34 @@ pub fn markdown(out: &CompareOutput) -> String {
     s
 }
 
+fn iops_of(st: &BTreeMap<(String, String), Stats>, wl: &str, b: &str) -> Option<f64> {
+    st.get(&(wl.to_string(), b.to_string())).filter(|x| x.n > 0).map(|x| x.iops)
+}
+
+fn scaling_target(st: &BTreeMap<(String, String), Stats>, cpus: usize) -> String {
+    let what = "| multi-queue 4k randread QD32: 8 queues ≥ 90 % of 8× one queue";
+    match (iops_of(st, "rr32", "blkstack"), iops_of(st, "mq8", "blkstack")) {
+        (Some(one), Some(eight)) if one > 0.0 => {
+            let eff = eight / (8.0 * one);
+            let met = if eff >= 0.9 { "yes" } else { "**no**" };
+            format!("{what} | {} vs 8 × {} = {:.0} % of linear | {met} |", num(eight), num(one), eff * 100.0)
+        }
+        _ if cpus < 16 => format!(
+            "{what} | not measured: needs 16 CPUs (8 client + 8 backend threads), this machine has {cpus}; 1/2/4-queue figures below | – |"
+        ),
+        _ => format!("{what} | no data | – |"),
+    }
+}
+
 fn scaling(s: &mut String, st: &BTreeMap<(String, String), Stats>) {
     let _ = writeln!(s, "\n### Queue scaling, 4k randread QD32 per queue (IOPS; % of linear)\n");
-    let _ = writeln!(s, "| backend | 1 queue | 2 queues | 4 queues |\n|---|---:|---:|---:|");
+    let _ = writeln!(s, "| backend | 1 queue | 2 queues | 4 queues | 8 queues |\n|---|---:|---:|---:|---:|");
     for b in ["blkstack", "qsd", "ch"] {
-        let get = |wl: &str| st.get(&(wl.to_string(), b.to_string())).filter(|x| x.n > 0).map(|x| x.iops);
-        let Some(one) = get("rr32") else { continue };
-        let cell = |wl: &str, n: f64| get(wl).map_or("–".into(), |v| format!("{} ({:.0} %)", num(v), 100.0 * v / (n * one)));
-        let _ = writeln!(s, "| {b} | {} | {} | {} |", num(one), cell("mq2", 2.0), cell("mq4", 4.0));
+        let Some(one) = iops_of(st, "rr32", b) else { continue };
+        let cell = |wl: &str, n: f64| {
+            iops_of(st, wl, b).map_or("–".into(), |v| format!("{} ({:.0} %)", num(v), 100.0 * v / (n * one)))
+        };
+        let _ = writeln!(s, "| {b} | {} | {} | {} | {} |", num(one), cell("mq2", 2.0), cell("mq4", 4.0), cell("mq8", 8.0));
     }
 }
 
