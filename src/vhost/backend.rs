@@ -130,8 +130,7 @@ pub struct BlkBackend {
 impl BlkBackend {
     /// A backend for a new connection to `dev`, sharing `mem` with the daemon.
     pub fn new(dev: Arc<Device>, mem: GuestMem) -> io::Result<Self> {
-        // A new connection is a reset device: the cache starts write-back.
-        dev.set_wce(true, "new connection");
+        dev.reset_cache();
         let queues = (0..dev.cfg.num_queues).map(|_| QueueSync::new().map(Arc::new)).collect::<io::Result<_>>()?;
         Ok(BlkBackend { dev, mem, queues, handlers: OnceLock::new() })
     }
@@ -333,10 +332,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn acked_features(&self, features: u64) {
         log::debug!("vhost-user-blk export '{}': features acked: {features:#x}", self.dev.id());
-        // A driver that cannot flush gets a write-through device (virtio 1.x, 5.2.6.2).
-        if features & (1 << VIRTIO_BLK_F_FLUSH) == 0 {
-            self.dev.set_wce(false, "the driver did not accept FLUSH");
-        }
+        self.dev.set_flush_acked(features & (1 << VIRTIO_BLK_F_FLUSH) != 0);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

@@ -21,7 +21,10 @@ pub struct Device {
     /// Rate limiter for guest-triggered log lines.
     pub log: RateLimiter,
     capacity: AtomicU64,
+    /// The configuration space's write-cache-enable byte.
     wce: AtomicBool,
+    /// The driver accepted VIRTIO_BLK_F_FLUSH (in its latest SET_FEATURES).
+    flush_acked: AtomicBool,
     refused: AtomicU64,
 }
 
@@ -36,6 +39,7 @@ impl Device {
             log: RateLimiter::default(),
             capacity,
             wce: AtomicBool::new(true),
+            flush_acked: AtomicBool::new(true),
             refused: AtomicU64::new(0),
         }
     }
@@ -60,14 +64,32 @@ impl Device {
         self.capacity.store(bytes, Relaxed);
     }
 
-    /// Whether writes must be durable on completion (write-through mode).
+    /// Whether writes must be durable on completion: the guest turned the
+    /// cache off (WCE = 0), or it cannot flush (no FLUSH negotiated; virtio
+    /// 1.x 5.2.6.2 asks for a write-through device then).
     pub fn write_through(&self) -> bool {
-        !self.wce.load(Relaxed)
+        !(self.wce.load(Relaxed) && self.flush_acked.load(Relaxed))
     }
 
-    /// Whether the write cache is enabled (write-back mode).
+    /// The configuration space's WCE byte (write-back when set).
     pub fn wce(&self) -> bool {
         self.wce.load(Relaxed)
+    }
+
+    /// A new connection is a reset device: write-back, FLUSH assumed until
+    /// the driver's features say otherwise.
+    pub fn reset_cache(&self) {
+        self.wce.store(true, Relaxed);
+        self.flush_acked.store(true, Relaxed);
+    }
+
+    /// Records whether the driver accepted FLUSH. QEMU sends an early
+    /// SET_FEATURES without it before the guest's own, so this follows the
+    /// latest one.
+    pub fn set_flush_acked(&self, acked: bool) {
+        if self.flush_acked.swap(acked, Relaxed) != acked {
+            log::debug!("vhost-user-blk export '{}': FLUSH negotiated: {acked}", self.id());
+        }
     }
 
     /// Counts a refused (malformed) request.
@@ -92,19 +114,18 @@ impl Device {
         })
     }
 
-    /// Sets the write-cache mode (`true`: write-back).
-    pub fn set_wce(&self, wce: bool, why: &str) {
-        let old = self.wce.swap(wce, Relaxed);
-        if old != wce {
+    /// Sets the WCE byte (`true`: write-back).
+    fn set_wce(&self, wce: bool) {
+        if self.wce.swap(wce, Relaxed) != wce {
             let mode = if wce { "write-back" } else { "write-through" };
-            log::info!("vhost-user-blk export '{}': cache mode {mode} ({why})", self.id());
+            log::info!("vhost-user-blk export '{}': the guest set the cache to {mode}", self.id());
         }
     }
 
     /// Applies a SET_CONFIG write: only the WCE byte is writable.
     pub fn set_config(&self, offset: u32, buf: &[u8]) {
         match wce_from_write(offset, buf) {
-            Some(wce) => self.set_wce(wce, "set by the guest"),
+            Some(wce) => self.set_wce(wce),
             None => log::debug!(
                 "vhost-user-blk export '{}': ignoring a write of {} bytes at {offset} to read-only config fields",
                 self.id(),

@@ -62,9 +62,11 @@
 //!
 //! # Write cache
 //!
-//! The device starts in write-back mode (WCE = 1): writes are plain writes and
-//! the guest flushes. When the guest writes WCE = 0 through SET_CONFIG, every
-//! write and write-zeroes is done with FUA (durable when it completes).
+//! Each connection starts in write-back mode (WCE = 1, as QEMU's own
+//! virtio-blk): writes are plain writes and the guest flushes. When the guest
+//! writes WCE = 0 through SET_CONFIG, or its latest SET_FEATURES lacks FLUSH
+//! (a driver that cannot flush), every write and write-zeroes is done with
+//! FUA, durable when it completes.
 
 mod acceptor;
 mod backend;

@@ -654,9 +654,16 @@ fn get_config_and_set_config_through_the_backend() {
     let seg = h.segment(0, 1, 0);
     h.expect_status(T_WZ, 0, &[(seg, 16, false)], S_OK);
     assert_eq!(h.flushes.load(SeqCst), f0 + 2);
-    // A driver without FLUSH gets write-through; a new connection resets.
+    // A driver without FLUSH gets a write-through device, whatever WCE says;
+    // the latest SET_FEATURES counts (QEMU sends an early one without FLUSH).
+    backend.set_config(WCE_OFFSET as u32, &[1]).expect("set_config");
     backend.acked_features(1 << vb::VIRTIO_BLK_F_CONFIG_WCE);
     assert!(h.dev.write_through());
+    assert_eq!(backend.get_config(WCE_OFFSET as u32, 1), vec![1], "the WCE byte is the guest's");
+    backend.acked_features(1 << vb::VIRTIO_BLK_F_CONFIG_WCE | 1 << vb::VIRTIO_BLK_F_FLUSH);
+    assert!(!h.dev.write_through());
+    // A new connection resets the cache to write-back.
+    backend.set_config(WCE_OFFSET as u32, &[0]).expect("set_config");
     drop(BlkBackend::new(h.dev.clone(), GuestMemoryAtomic::new(GuestMemoryMmap::new())));
     assert!(!h.dev.write_through());
     backend.set_config(WCE_OFFSET as u32, &[0]).expect("set_config");
