@@ -283,6 +283,12 @@ fn method_section(s: &mut String, out: &CompareOutput) {
          rotating each round; the image is synced after runs that write. Figures are medians over the rounds; \
          CPU is the backend's utime+stime per wall second; RSS is VmRSS at the end of the measured time."
     );
+    let _ = writeln!(
+        s,
+        "- Runs with host steal above {} % were repeated (the least-stolen attempt is kept), except the O_DIRECT row, \
+         whose disk reads are served by the hypervisor and show up as steal on every attempt.",
+        out.max_steal
+    );
     let _ = writeln!(s, "- Ratios are blkstack ÷ other for every column: above 1 is better for IOPS, MiB/s and IOPS/CPU-s; below 1 is better for latency, CPU and RSS.");
 }
 

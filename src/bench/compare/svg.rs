@@ -11,7 +11,7 @@ use super::CompareOutput;
 const BAR: f64 = 16.0;
 const GAP: f64 = 26.0;
 const PLOT_H: f64 = 260.0;
-const TOP: f64 = 70.0;
+const TOP: f64 = 110.0;
 const LEFT: f64 = 50.0;
 
 fn color(engine: Engine, id: &str) -> &'static str {
@@ -32,15 +32,19 @@ pub fn chart(out: &CompareOutput) -> String {
     let st = all_stats(out);
     let ws: Vec<_> = plan::workloads().into_iter().filter(|w| out.workloads.iter().any(|x| x == w.id)).collect();
     let group_w: Vec<f64> = ws.iter().map(|w| w.backends.len() as f64 * BAR + GAP).collect();
-    let width = LEFT + group_w.iter().sum::<f64>() + 20.0;
+    let width = (LEFT + group_w.iter().sum::<f64>() + 20.0).max(720.0);
     let height = TOP + PLOT_H + 90.0;
     let base = TOP + PLOT_H;
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" \
          viewBox=\"0 0 {width:.0} {height:.0}\" font-family=\"sans-serif\" font-size=\"10\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{LEFT}\" y=\"18\" font-size=\"14\" font-weight=\"bold\">blkstack vs QSD vs CH — medians, \
-         each group relative to its best (IOPS; MiB/s for 1M reads)</text>\n"
+         <text x=\"{LEFT}\" y=\"18\" font-size=\"14\" font-weight=\"bold\">blkstack vs qemu-storage-daemon vs \
+         cloud-hypervisor vhost_user_block</text>\n\
+         <text x=\"{LEFT}\" y=\"58\" font-size=\"10\" fill=\"#555\">Medians of {} round(s) × {} s; \
+         each group scaled to its best backend; labels are IOPS (MiB/s for 1M reads).</text>\n",
+        out.rounds,
+        out.seconds
     );
     let legend = [("blkstack", "#1f77b4"), ("QSD io_uring", "#ff7f0e"), ("QSD threads / native", "#fdae6b"), ("CH vhost_user_block", "#2ca02c")];
     let mut lx = LEFT;
