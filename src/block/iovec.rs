@@ -125,11 +125,25 @@ impl IoVecs {
     }
 
     /// Whether every byte is zero.
+    ///
+    /// The segments may be guest memory that the guest changes at the same
+    /// time, so no Rust reference is ever made over them: the bytes are
+    /// copied out in chunks (as [`IoVecs::copy_to`] does) and checked there.
     pub fn is_zero(&self) -> bool {
+        let mut chunk = [0u8; 4096];
         self.iov.iter().all(|v| {
-            // SAFETY: each segment is valid for reads (type invariant).
-            let s = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
-            s.iter().all(|&b| b == 0)
+            let mut off = 0;
+            while off < v.iov_len {
+                let n = (v.iov_len - off).min(chunk.len());
+                // SAFETY: `base+off .. base+off+n` lies in a segment valid for
+                // reads (type invariant); `chunk` is a local array of ≥ n bytes.
+                unsafe { std::ptr::copy_nonoverlapping((v.iov_base as *const u8).add(off), chunk.as_mut_ptr(), n) };
+                if chunk[..n].iter().any(|&b| b != 0) {
+                    return false;
+                }
+                off += n;
+            }
+            true
         })
     }
 
