@@ -350,19 +350,9 @@ struct Ctx<'a> {
     image: String,
 }
 
-fn run_all(args: &CompareArgs) -> Result<CompareOutput, String> {
-    let t0 = Instant::now();
-    let started = utc_now();
-    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
-    let seconds = args.seconds.unwrap_or(if args.quick { 2.0 } else { 8.0 });
-    let ramp = args.ramp.unwrap_or(if args.quick { 0.5 } else { 1.0 });
-    let mut notes = Vec::new();
-    let tools = find_tools(args, &mut notes)?;
-    let mut workloads = selected(args)?;
-    for w in &mut workloads {
-        w.backends.retain(|b| program(&tools, b).is_some());
-    }
-    workloads.retain(|w| !w.backends.is_empty());
+/// Creates the output directories and the image; returns the output
+/// directory, the log directory, the socket path and the image path.
+fn prepare_paths(args: &CompareArgs) -> Result<(PathBuf, PathBuf, PathBuf, String), String> {
     fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let out_dir = fs::canonicalize(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let logs = out_dir.join("logs");
@@ -376,6 +366,48 @@ fn run_all(args: &CompareArgs) -> Result<CompareOutput, String> {
         .map_err(|e| format!("{}: {e}", args.image.display()))?
         .to_string_lossy()
         .into_owned();
+    Ok((out_dir, logs, socket, image))
+}
+
+/// All rounds: each workload against each backend, rotating who goes first.
+fn run_rounds(
+    ctx: &Ctx,
+    workloads: &[WorkloadSpec],
+    rounds: usize,
+    total: usize,
+    t0: Instant,
+) -> Result<Vec<RunRecord>, String> {
+    let mut records = Vec::with_capacity(total);
+    for round in 0..rounds {
+        runner::preread(Path::new(&ctx.image))?;
+        for (wi, w) in workloads.iter().enumerate() {
+            for (order, b) in plan::rotated(w, wi, round).iter().enumerate() {
+                let rec = run_with_retries(ctx, w, b, round, order);
+                progress_line(&rec, records.len() + 1, total, t0);
+                records.push(rec);
+                if w.rw.writes() {
+                    runner::sync_image(Path::new(&ctx.image))?;
+                }
+            }
+        }
+    }
+    Ok(records)
+}
+
+fn run_all(args: &CompareArgs) -> Result<CompareOutput, String> {
+    let t0 = Instant::now();
+    let started = utc_now();
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    let seconds = args.seconds.unwrap_or(if args.quick { 2.0 } else { 8.0 });
+    let ramp = args.ramp.unwrap_or(if args.quick { 0.5 } else { 1.0 });
+    let mut notes = Vec::new();
+    let tools = find_tools(args, &mut notes)?;
+    let mut workloads = selected(args)?;
+    for w in &mut workloads {
+        w.backends.retain(|b| program(&tools, b).is_some());
+    }
+    workloads.retain(|w| !w.backends.is_empty());
+    let (out_dir, logs, socket, image) = prepare_paths(args)?;
     let mut machine = machine(&tools);
     let total: usize = workloads.iter().map(|w| w.backends.len()).sum::<usize>() * rounds;
     let budget = args.retry_budget.unwrap_or(total.div_ceil(6));
@@ -394,20 +426,7 @@ fn run_all(args: &CompareArgs) -> Result<CompareOutput, String> {
         "compare: {total} runs ({rounds} rounds x {} workloads), {seconds} s + {ramp} s ramp each",
         workloads.len()
     );
-    let mut records = Vec::with_capacity(total);
-    for round in 0..rounds {
-        runner::preread(Path::new(&ctx.image))?;
-        for (wi, w) in workloads.iter().enumerate() {
-            for (order, b) in plan::rotated(w, wi, round).iter().enumerate() {
-                let rec = run_with_retries(&ctx, w, b, round, order);
-                progress_line(&rec, records.len() + 1, total, t0);
-                records.push(rec);
-                if w.rw.writes() {
-                    runner::sync_image(Path::new(&ctx.image))?;
-                }
-            }
-        }
-    }
+    let records = run_rounds(&ctx, &workloads, rounds, total, t0)?;
     machine.load_after = super::procfs::loadavg_1m().unwrap_or(0.0);
     let profiles = match (&tools.blkstack, args.quick || args.no_profile) {
         (Some(b), false) => profile_blkstack(&ctx, b, &workloads),

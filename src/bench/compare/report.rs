@@ -239,6 +239,14 @@ fn machine_section(s: &mut String, out: &CompareOutput) {
         out.image,
         fmt_size(out.image_size)
     );
+    if !out.quick && out.seconds < 10.0 {
+        let _ = writeln!(
+            s,
+            "- Runs measure {} s instead of the issue's 10 s so that the whole comparison (3 rounds, steal repeats, profile) \
+             fits in about 25 minutes on this machine.",
+            out.seconds
+        );
+    }
     let _ = writeln!(
         s,
         "- Host steal per run: median {:.2} %, max {:.2} %; {} run(s) repeated for steal > {} %, {} still above after repeats ({} repeat(s) skipped: retry budget spent).",
