@@ -17,7 +17,7 @@ run: build
 	@test -f $(IMG) || truncate -s 1G $(IMG)
 	@echo "blkstack: serving $(IMG) over vhost-user-blk at $(SOCK) ($(QUEUES) queues)"
 	@echo
-	@echo "Attach with QEMU (guest RAM must be shared with the backend):"
+	@echo "Attach with QEMU (guest RAM must be shared with the backend; -accel tcg where there is no KVM):"
 	@echo "  qemu-system-x86_64 -accel kvm -m 1G \\"
 	@echo "    -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\"
 	@echo "    -chardev socket,id=blk0,path=$(SOCK),reconnect-ms=1000 \\"
