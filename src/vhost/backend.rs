@@ -37,6 +37,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringMutex, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -46,6 +47,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::{config_slice, protocol_features, virtio_features};
 use super::device::Device;
+use super::notify::{ConfigNotifier, Unavailable};
 use super::queue::QueueCtx;
 use crate::runtime::Runtime;
 
@@ -125,6 +127,18 @@ pub struct BlkBackend {
     mem: GuestMem,
     queues: Vec<Arc<QueueSync>>,
     handlers: OnceLock<Vec<Weak<EpollHandler>>>,
+    /// This connection's backend request channel (see [`super::notify`]).
+    channel: Mutex<Channel>,
+}
+
+/// What we hold of the connection's backend request channel.
+enum Channel {
+    /// SET_BACKEND_REQ_FD not received (or the channel was given up).
+    None,
+    /// Our own handle on the socket, also installed in the device.
+    Notifier(Arc<ConfigNotifier>),
+    /// The socket could not be found: the crate's handle keeps it open.
+    Kept(#[allow(dead_code)] Backend),
 }
 
 impl BlkBackend {
@@ -132,7 +146,7 @@ impl BlkBackend {
     pub fn new(dev: Arc<Device>, mem: GuestMem) -> io::Result<Self> {
         dev.reset_cache();
         let queues = (0..dev.cfg.num_queues).map(|_| QueueSync::new().map(Arc::new)).collect::<io::Result<_>>()?;
-        Ok(BlkBackend { dev, mem, queues, handlers: OnceLock::new() })
+        Ok(BlkBackend { dev, mem, queues, handlers: OnceLock::new(), channel: Mutex::new(Channel::None) })
     }
 
     /// Remembers the daemon's epoll handlers (one per queue thread).
@@ -148,9 +162,23 @@ impl BlkBackend {
         self.dev.cfg.num_queues + 2
     }
 
+    fn channel(&self) -> MutexGuard<'_, Channel> {
+        self.channel.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes our side of the backend request channel and withdraws it
+    /// from the device (the connection is over).
+    fn drop_channel(&self) {
+        let old = std::mem::replace(&mut *self.channel(), Channel::None);
+        if let Channel::Notifier(n) = &old {
+            self.dev.clear_notifier(n);
+        }
+    }
+
     /// Ends the connection's queue threads' work: every in-flight request
     /// runs to completion, then each worker drops its runtime. Blocks.
     pub fn teardown(&self) {
+        self.drop_channel();
         for (i, q) in self.queues.iter().enumerate() {
             let mut st = q.lock();
             st.closing = true;
@@ -314,6 +342,12 @@ impl Drop for Worker {
     }
 }
 
+impl Drop for BlkBackend {
+    fn drop(&mut self) {
+        self.drop_channel();
+    }
+}
+
 impl VhostUserBackend for BlkBackend {
     type Bitmap = ();
     type Vring = Vring;
@@ -337,6 +371,34 @@ impl VhostUserBackend for BlkBackend {
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         protocol_features()
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        let id = self.dev.id();
+        // A second SET_BACKEND_REQ_FD replaces the first channel.
+        self.drop_channel();
+        let new = match ConfigNotifier::claim(backend) {
+            Ok(n) => {
+                let n = Arc::new(n);
+                log::info!(
+                    "vhost-user-blk export '{id}': backend request channel ready (frontend pid {}); resizes will be announced",
+                    n.peer_pid().map_or_else(|| "unknown".to_string(), |p| p.to_string())
+                );
+                self.dev.set_notifier(n.clone());
+                Channel::Notifier(n)
+            }
+            Err(Unavailable::Scan(e, backend)) => {
+                log::warn!("vhost-user-blk export '{id}': cannot find the backend request channel ({e}); resize notifications are unavailable for this connection");
+                Channel::Kept(backend)
+            }
+            Err(Unavailable::Ambiguous(n)) => {
+                log::warn!(
+                    "vhost-user-blk export '{id}': cannot identify the backend request channel ({n} candidate sockets changed at once); resize notifications are unavailable for this connection"
+                );
+                Channel::None
+            }
+        };
+        *self.channel() = new;
     }
 
     fn set_event_idx(&self, _enabled: bool) {

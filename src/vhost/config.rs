@@ -139,12 +139,14 @@ pub fn virtio_features(writable: bool) -> u64 {
 }
 
 /// The vhost-user protocol features the export offers (see the module docs
-/// of `vhost` for why INFLIGHT_SHMFD and BACKEND_REQ are not among them).
+/// of `vhost` for why INFLIGHT_SHMFD is not among them; BACKEND_REQ carries
+/// the resize notification, see `notify`).
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::BACKEND_REQ
 }
 
 /// What the configuration space is built from.

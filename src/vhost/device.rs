@@ -3,9 +3,10 @@
 //! mode, and the log limiter. Everything that changes is an atomic.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::config::{config_space, wce_from_write, ConfigInput, VhostBlkConfig, CONFIG_SPACE_SIZE, ID_BYTES};
+use super::notify::ConfigNotifier;
 use super::ratelimit::RateLimiter;
 use super::request::Geometry;
 use crate::block::BlockNode;
@@ -26,6 +27,8 @@ pub struct Device {
     /// The driver accepted VIRTIO_BLK_F_FLUSH (in its latest SET_FEATURES).
     flush_acked: AtomicBool,
     refused: AtomicU64,
+    /// The connected frontend's backend request channel, if we have one.
+    notifier: Mutex<Option<Arc<ConfigNotifier>>>,
 }
 
 impl Device {
@@ -41,6 +44,7 @@ impl Device {
             wce: AtomicBool::new(true),
             flush_acked: AtomicBool::new(true),
             refused: AtomicU64::new(0),
+            notifier: Mutex::new(None),
         }
     }
 
@@ -62,6 +66,47 @@ impl Device {
     /// Records a new node length (resize hook).
     pub fn set_capacity(&self, bytes: u64) {
         self.capacity.store(bytes, Relaxed);
+    }
+
+    fn notifier_slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<ConfigNotifier>>> {
+        self.notifier.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Installs the current connection's config-change channel.
+    pub fn set_notifier(&self, n: Arc<ConfigNotifier>) {
+        *self.notifier_slot() = Some(n);
+    }
+
+    /// Removes `n` if it is still the installed channel (its connection ended).
+    pub fn clear_notifier(&self, n: &Arc<ConfigNotifier>) {
+        let mut slot = self.notifier_slot();
+        if slot.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, n)) {
+            *slot = None;
+        }
+    }
+
+    /// Tells the connected frontend that the configuration space changed
+    /// (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG). Never blocks; returns whether
+    /// a notification was sent.
+    pub fn notify_config_change(&self) -> bool {
+        let n = self.notifier_slot().clone();
+        let Some(n) = n else {
+            log::info!(
+                "vhost-user-blk export '{}': no frontend channel for config-change notifications; the guest sees the new capacity when it next reads the configuration",
+                self.id()
+            );
+            return false;
+        };
+        match n.notify() {
+            Ok(()) => {
+                log::info!("vhost-user-blk export '{}': config change announced to the frontend", self.id());
+                true
+            }
+            Err(e) => {
+                log::warn!("vhost-user-blk export '{}': cannot announce the config change to the frontend: {e}", self.id());
+                false
+            }
+        }
     }
 
     /// Whether writes must be durable on completion: the guest turned the

@@ -72,6 +72,7 @@ mod acceptor;
 mod backend;
 pub mod config;
 mod device;
+mod notify;
 mod queue;
 mod ratelimit;
 pub mod request;
@@ -122,6 +123,7 @@ impl VhostBlkExport {
                 if let Some(d) = weak.upgrade() {
                     d.set_capacity(len);
                     log::info!("vhost-user-blk export '{}': capacity is now {len} bytes", d.id());
+                    d.notify_config_change();
                 }
             }),
         );
