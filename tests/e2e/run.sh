@@ -22,7 +22,7 @@ CACHE="$HERE/cache"
 HOSTPY="$HERE/lib/e2e_host.py"
 . "$HERE/guest/layout.sh"
 
-ALL_SCENARIOS=(data fs flush discard readonly reconnect)
+ALL_SCENARIOS=(data fs flush discard readonly reconnect resize)
 
 BACKEND=qsd
 BLKSTACK="$ROOT/target/release/blkstack"
@@ -371,6 +371,29 @@ check_reconnect() {
     cmp_region "region A" "$RC_A_OFF" "$WORK/pat/A" &&
     cmp_region "last 4 KiB" "$RC_D_OFF" "$WORK/pat/D" &&
     cmp_region "region B" "$RC_B_OFF" "$WORK/pat/B"
+}
+
+prepare_resize() { RS_DONE=""; truncate -s "$RS_SIZE" "$IMG"; }
+RS_DONE=""
+sync_resize() {
+    local out
+    [ "$1" = resize ] || return 0
+    if ! out="$(python3 "$HOSTPY" qmp "$QMP" block_resize "{\"node-name\": \"$NODE\", \"size\": $RS_NEW_SIZE}" 2>&1)"; then
+        echo "QMP block_resize failed: $out"; return 1
+    fi
+    RS_DONE=1
+    echo "  host: block_resize node $NODE to $RS_NEW_SIZE bytes: $out; image is now $(stat -c %s "$IMG") bytes"
+}
+check_resize() {
+    [ -n "$RS_DONE" ] || { host_fail "block_resize was never run"; return; }
+    [ "$(stat -c %s "$IMG")" = "$RS_NEW_SIZE" ] || { host_fail "image is $(stat -c %s "$IMG") bytes, expected $RS_NEW_SIZE after block_resize"; return; }
+    cmp_region "region A" "$RS_A_OFF" "$WORK/pat/A" &&
+    cmp_region "region B past the old end" "$RS_B_OFF" "$WORK/pat/B" &&
+    cmp_region "last 4 KiB of the new size" "$RS_D_OFF" "$WORK/pat/D" || return
+    if [ "$BACKEND" = blkstack ]; then
+        grep -q "config change announced to the frontend" "$DLOG" \
+            || host_fail "the daemon log does not say the config change was announced"
+    fi
 }
 
 # ---------------------------------------------------------------- one guest

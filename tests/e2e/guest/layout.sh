@@ -49,3 +49,10 @@ RC_SIZE=$((16 * MiB))
 RC_A_OFF=$((1 * MiB))                 # written before the restart
 RC_D_OFF=$((RC_SIZE - 4 * KiB))       # written before the restart
 RC_B_OFF=$((8 * MiB))                 # written after the restart
+
+# 7. resize (file node): QMP block_resize to twice the size while the guest runs
+RS_SIZE=$((16 * MiB))
+RS_NEW_SIZE=$((2 * RS_SIZE))
+RS_A_OFF=$((1 * MiB))                 # written before the resize
+RS_B_OFF=$RS_SIZE                     # the first MiB past the old end
+RS_D_OFF=$((RS_NEW_SIZE - 4 * KiB))   # the last 4 KiB of the new size

@@ -324,10 +324,38 @@ scenario_reconnect() {
         || fail "read from vCPU 1 after restart failed"
 }
 
+# 7. resize: the host grows the node with QMP block_resize while the disk is
+#    in use; the backend must tell the frontend (vhost-user
+#    BACKEND_CONFIG_CHANGE_MSG), so the guest sees the new capacity within
+#    10 s without any action of its own, and can write at the new end.
+scenario_resize() {
+    expect_disk "$RS_SIZE"
+    write_pat "$PAT/A" "$RS_A_OFF" 65536
+    s0="$(cat "$SYSB/size")"
+    [ "$s0" = $((RS_SIZE / 512)) ] || fail "$SYSB/size is $s0 sectors, expected $((RS_SIZE / 512))"
+    sync_point resize
+    i=0
+    while [ "$(cat "$SYSB/size")" = "$s0" ]; do
+        i=$((i + 1))
+        [ "$i" -gt 100 ] && fail "$SYSB/size still $s0 sectors 10 s after block_resize to $RS_NEW_SIZE bytes (no config-change notification?)"
+        sleep 0.1
+    done
+    s1="$(cat "$SYSB/size")"
+    say "size changed from $s0 to $s1 sectors after ~$((i / 10)).$((i % 10)) s"
+    [ "$s1" = $((RS_NEW_SIZE / 512)) ] || fail "$SYSB/size is $s1 sectors after the resize, expected $((RS_NEW_SIZE / 512))"
+    _sz="$(blockdev --getsize64 "$DEV")"
+    [ "$_sz" = "$RS_NEW_SIZE" ] || fail "$DEV is $_sz bytes after the resize, expected $RS_NEW_SIZE"
+    write_pat "$PAT/B" "$RS_B_OFF" 65536
+    write_pat "$PAT/D" "$RS_D_OFF" 4096
+    check_region "region B past the old end" "$RS_B_OFF" "$PAT/B" 65536
+    check_region "last 4 KiB of the new size" "$RS_D_OFF" "$PAT/D" 4096
+    check_region "region A written before the resize" "$RS_A_OFF" "$PAT/A" 65536
+}
+
 e2e_main() {
     [ "$E2E_DEBUG" = 1 ] && set -x
     case "$1" in
-        data|fs|flush|discard|readonly|reconnect) "scenario_$1" ;;
+        data|fs|flush|discard|readonly|reconnect|resize) "scenario_$1" ;;
         *) fail "unknown scenario '$1'" ;;
     esac
 }
