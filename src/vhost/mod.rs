@@ -13,7 +13,9 @@
 //!   request, put completions in the used ring in one go, signal once;
 //! - [`backend`]: the `VhostUserBackend` and the glue between the queue
 //!   threads' epoll loops and their async runtimes;
-//! - [`acceptor`]: the connection loop, a new daemon per connection.
+//! - [`acceptor`]: the connection loop, a new daemon per connection;
+//! - [`notify`]: config-change (resize) notifications on the backend
+//!   request channel.
 //!
 //! # Threads and the fast path
 //!
@@ -55,10 +57,22 @@
 //! - INFLIGHT_SHMFD: vhost-user-backend 0.24's handler answers
 //!   GET_INFLIGHT_FD / SET_INFLIGHT_FD with "not supported" and gives the
 //!   backend no hook, so the in-flight region cannot be implemented on it.
-//! - BACKEND_REQ: the backend channel of vhost 0.18 (`Backend`) cannot send
-//!   CONFIG_CHANGE_MSG, the only message a block device needs. A resize is
-//!   therefore visible in the configuration space (the capacity is updated)
-//!   but the frontend is not notified.
+//!
+//! BACKEND_REQ *is* offered, although vhost 0.18's backend channel
+//! (`Backend`) cannot send CONFIG_CHANGE_MSG, the one message a block device
+//! needs, and hides its fd. [`notify`] takes the channel over: in
+//! `set_backend_req_fd` it dups every unclaimed unix stream socket of the
+//! process, drops the `Backend` (its only owner is us, so exactly its fd
+//! closes) and keeps the one candidate whose fd number went away; anything
+//! ambiguous (another thread closing a socket in that window of
+//! microseconds) or a failed scan leaves the connection without
+//! notifications, with a warning. On `block_resize` the resize hook updates
+//! the capacity, then sends the 12-byte header of CONFIG_CHANGE_MSG (flags:
+//! version 1, no NEED_REPLY) with a non-blocking send; QEMU then re-reads
+//! the configuration space (GET_CONFIG) and interrupts the guest, which sees
+//! the new size. Without a channel (a frontend that does not negotiate
+//! BACKEND_REQ, or a refused one) the capacity is still updated and the
+//! guest sees it at its next configuration read (a reconnect or reboot).
 //!
 //! # Write cache
 //!
