@@ -7,7 +7,10 @@
 //!   io_uring, which does everything Linux AIO does and more. Buffered reads
 //!   first try `preadv2(RWF_NOWAIT)`, which completes a page-cache hit
 //!   synchronously without a ring round trip, and fall back to the ring when
-//!   the data is not cached.
+//!   the data is not cached; small buffered writes likewise try
+//!   `pwritev2(RWF_NOWAIT)`. Buffered requests of 128 KiB and more go
+//!   straight to io_uring's worker pool (`IOSQE_ASYNC`) so that large copies
+//!   run in parallel rather than one after another on the queue thread.
 //! - `threads`: blocking `preadv`/`pwritev` on a thread pool (the `blocking`
 //!   crate). The pool thread owns the request until the syscall returns: if
 //!   the future is dropped first, its drop waits for the syscall, so the
@@ -94,6 +97,11 @@ const PERM_WRITE: u32 = 1;
 const LOCK_PERM_BASE: i64 = 100;
 const LOCK_SHARED_BASE: i64 = 200;
 
+/// Buffered requests at least this large skip the synchronous page-cache
+/// attempt and go straight to io_uring's worker pool, so several large copies
+/// run in parallel instead of one after another on the queue thread.
+const ASYNC_THRESHOLD: usize = 128 << 10;
+
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKSSZGET: libc::c_ulong = 0x1268;
 
@@ -144,13 +152,14 @@ impl FileDriver {
     async fn rw(&self, write: bool, offset: u64, buf: &IoVecs, fua: bool) -> BlockResult<()> {
         let total = buf.len();
         let mut done = 0usize;
-        if !write && !self.direct && self.engine == Aio::IoUring {
-            done = self.read_nowait(offset, buf);
+        let large = total >= ASYNC_THRESHOLD;
+        if !self.direct && self.engine == Aio::IoUring && !large && !(write && fua) {
+            done = self.try_nowait(write, offset, buf);
         }
         while done < total {
             let n = match self.engine {
                 Aio::Threads => self.rw_thread(write, offset + done as u64, &buf.slice(done, total - done), fua).await,
-                _ => self.rw_uring(write, offset + done as u64, buf, done, fua).await,
+                _ => self.rw_uring(write, offset + done as u64, buf, done, fua, large).await,
             };
             match n {
                 Ok(0) if !write => {
@@ -167,17 +176,24 @@ impl FileDriver {
         Ok(())
     }
 
-    /// Tries a page-cache read without blocking; returns how much was read.
-    fn read_nowait(&self, offset: u64, buf: &IoVecs) -> usize {
+    /// Tries a page-cache read or write without blocking; returns how much
+    /// was done (0 when it would have blocked).
+    fn try_nowait(&self, write: bool, offset: u64, buf: &IoVecs) -> usize {
         let iov = buf.as_iovecs();
         let Ok(off) = i64::try_from(offset) else { return 0 };
-        // SAFETY: the iovecs describe buffers valid for writes for the
-        // duration of the request (the caller's contract for `buf`).
-        let n = unsafe { libc::preadv2(self.fd(), iov.as_ptr(), iov.len() as i32, off, libc::RWF_NOWAIT) };
+        // SAFETY: the iovecs describe buffers valid for reads and writes for
+        // the duration of the request (the caller's contract for `buf`).
+        let n = unsafe {
+            if write {
+                libc::pwritev2(self.fd(), iov.as_ptr(), iov.len() as i32, off, libc::RWF_NOWAIT)
+            } else {
+                libc::preadv2(self.fd(), iov.as_ptr(), iov.len() as i32, off, libc::RWF_NOWAIT)
+            }
+        };
         usize::try_from(n).unwrap_or(0)
     }
 
-    async fn rw_uring(&self, write: bool, offset: u64, buf: &IoVecs, done: usize, fua: bool) -> Result<usize, i32> {
+    async fn rw_uring(&self, write: bool, offset: u64, buf: &IoVecs, done: usize, fua: bool, large: bool) -> Result<usize, i32> {
         let flags = if write && fua { libc::RWF_DSYNC } else { 0 };
         let rest;
         let iov = if done == 0 {
@@ -190,7 +206,7 @@ impl FileDriver {
         // buffers it describes outlive the op: the op is awaited right here,
         // and dropping it waits for the completion.
         let op = unsafe { Op::rw_borrowed(self.fd(), write, iov.as_ptr(), iov.len() as u32, offset, flags) };
-        let res = op.await;
+        let res = if large && !self.direct { op.force_async().await } else { op.await };
         usize::try_from(res).map_err(|_| -res)
     }
 

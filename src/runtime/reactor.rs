@@ -240,6 +240,15 @@ impl Op {
         Op { entry: Some(entry), _keep: Keep::None, slot: None }
     }
 
+    /// Asks io_uring to run the op in its worker pool at once instead of
+    /// trying it inline first (lets large copies proceed in parallel).
+    pub fn force_async(mut self) -> Op {
+        if let Some(e) = self.entry.take() {
+            self.entry = Some(e.flags(squeue::Flags::ASYNC));
+        }
+        self
+    }
+
     /// Completes after `dur`.
     pub fn sleep(dur: std::time::Duration) -> Op {
         let ts = Box::new(types::Timespec::from(dur));
