@@ -692,6 +692,9 @@ mod tests {
             records.push(rec("rr32", "ch", round, Some(result(200_000.0 + k, 100.0, 1.0, 2900))));
             records.push(rec("null", "blkstack", round, None));
             records.push(rec("null", "qsd", round, Some(result(290_000.0, 90.0, 0.97, 9000))));
+            records.push(rec("rr1-poll", "blkstack-poll", round, Some(result(90_000.0, 10.0, 1.0, 2048))));
+            records.push(rec("rr1-poll", "qsd-poll", round, Some(result(50_000.0, 20.0, 1.0, 9000))));
+            records.push(rec("rr1-poll", "ch-poll", round, Some(result(90_000.0, 11.0, 1.0, 2900))));
         }
         CompareOutput {
             started: utc_now(),
@@ -707,7 +710,7 @@ mod tests {
             socket: "s".into(),
             machine: Machine::default(),
             notes: vec![],
-            workloads: vec!["rr32".into(), "null".into()],
+            workloads: vec!["rr32".into(), "null".into(), "rr1-poll".into()],
             records,
             retries_skipped: 0,
             profiles: vec![],
@@ -722,9 +725,11 @@ mod tests {
         assert!(md.contains("resident memory, one export (end of 4k randread QD32): ≤ CH | 2.00 vs 2.83 = 0.71× | yes"), "{md}");
         assert!(md.contains("null 4k randread QD32: IOPS ≥ QSD | no data"), "{md}");
         assert!(md.contains("## Runs that failed") && md.contains("boom"), "{md}");
+        assert!(md.contains("| QD1 4k randread, polling: p50 ≤ CH | 10.0 vs 11.0 = 0.91× | yes |"), "{md}");
+        assert!(md.contains("| *blkstack / CH poll_queue* |"), "{md}");
         let svg = svg::chart(&output());
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        assert_eq!(svg.matches("<rect x=").count(), 4 + 4, "{svg}"); // 4 legend swatches, 3 + 1 bars
+        assert_eq!(svg.matches("<rect x=").count(), 4 + 7, "{svg}"); // 4 legend swatches, 3 + 1 + 3 bars
     }
 
     #[test]

@@ -150,7 +150,8 @@ fn workload_table(s: &mut String, w: &WorkloadSpec, st: &BTreeMap<(String, Strin
         let runs = if x.failed > 0 { format!("{} (+{} failed)", x.n, x.failed) } else { x.n.to_string() };
         let _ = writeln!(s, "| {} | {} | {runs} |", b.title(), cells.join(" | "));
     }
-    let Some(bx) = get("blkstack").filter(|x| x.n > 0) else { return };
+    let Some(bid) = w.backends.iter().find(|b| b.is_blkstack()).map(|b| b.id()) else { return };
+    let Some(bx) = get(&bid).filter(|x| x.n > 0) else { return };
     let (qsd, ch) = refs(w);
     for r in [qsd, ch].into_iter().flatten() {
         let Some(rx) = get(&r).filter(|x| x.n > 0) else { continue };
@@ -179,7 +180,8 @@ fn target_ratio(
     what: String,
 ) -> Target {
     let get = |b: &str| st.get(&(wl.to_string(), b.to_string())).filter(|x| x.n > 0).and_then(field);
-    match (get("blkstack"), get(other)) {
+    let ours = if other.ends_with("-poll") { "blkstack-poll" } else { "blkstack" };
+    match (get(ours), get(other)) {
         (Some(a), Some(b)) if b > 0.0 => {
             let r = a / b;
             let met = if higher_better { r >= want } else { r <= want };
@@ -223,6 +225,7 @@ fn machine_section(s: &mut String, out: &CompareOutput) {
     let m = &out.machine;
     let steals: Vec<f64> = out.records.iter().filter_map(|r| r.result.as_ref()?.host.steal_pct).collect();
     let busy: Vec<f64> = out.records.iter().filter_map(|r| r.result.as_ref()?.host.busy_cpus).collect();
+    let loads: Vec<f64> = out.records.iter().filter_map(|r| r.result.as_ref()?.host.loadavg_1m).collect();
     let repeated = out.records.iter().filter(|r| r.attempts > 1).count();
     let over = out.records.iter().filter(|r| r.result.as_ref().and_then(|x| x.host.steal_pct).unwrap_or(0.0) > out.max_steal).count();
     let _ = writeln!(s, "\n## Machine and conditions\n");
@@ -259,9 +262,12 @@ fn machine_section(s: &mut String, out: &CompareOutput) {
     );
     let _ = writeln!(
         s,
-        "- Load average (1 min) {:.2} before, {:.2} after; busy CPUs during runs: median {:.2} of {} (client + backend + anything else on the machine).",
+        "- Load average (1 min) {:.2} before, {:.2} after, at the end of each run median {:.2}, max {:.2}; busy CPUs during runs: \
+         median {:.2} of {} (client + backend + anything else on the machine: a load above ~2 means other work shared the CPUs).",
         m.load_before,
         m.load_after,
+        median(loads.clone()).unwrap_or(0.0),
+        loads.iter().copied().fold(0.0, f64::max),
         median(busy).unwrap_or(0.0),
         m.cpus
     );
@@ -321,21 +327,22 @@ fn profiles(s: &mut String, out: &CompareOutput) {
 
 fn all_runs(s: &mut String, out: &CompareOutput) {
     let _ = writeln!(s, "\n<details><summary>Every run (in run order)</summary>\n");
-    let _ = writeln!(s, "| round | workload | backend | IOPS | MiB/s | p50 µs | p99 µs | CPU s/s | steal % | busy CPUs | attempts |");
-    let _ = writeln!(s, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "| round | workload | backend | IOPS | MiB/s | p50 µs | p99 µs | CPU s/s | steal % | busy CPUs | load 1 min | attempts |");
+    let _ = writeln!(s, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &out.records {
         let cells = match &r.result {
             Some(x) => format!(
-                "{} | {} | {} | {} | {} | {} | {}",
+                "{} | {} | {} | {} | {} | {} | {} | {}",
                 num(x.iops),
                 num(x.mib_s),
                 num(x.lat_us.p50),
                 num(x.lat_us.p99),
                 opt(x.backend.as_ref().and_then(|b| b.cpu_s_per_s)),
                 opt(x.host.steal_pct),
-                opt(x.host.busy_cpus)
+                opt(x.host.busy_cpus),
+                opt(x.host.loadavg_1m)
             ),
-            None => "failed | | | | | |".to_string(),
+            None => "failed | | | | | | |".to_string(),
         };
         let _ = writeln!(s, "| {} | {} | {} | {cells} | {} |", r.round + 1, r.workload, r.backend, r.attempts);
     }
