@@ -8,7 +8,8 @@
 //!   first try `preadv2(RWF_NOWAIT)`, which completes a page-cache hit
 //!   synchronously without a ring round trip, and fall back to the ring when
 //!   the data is not cached; small buffered writes likewise try
-//!   `pwritev2(RWF_NOWAIT)`. Buffered requests of 128 KiB and more go
+//!   `pwritev2(RWF_NOWAIT)` until the file system has refused it 64 times in
+//!   a row (ext4 refuses every buffered one; XFS and btrfs accept them). Buffered requests of 128 KiB and more go
 //!   straight to io_uring's worker pool (`IOSQE_ASYNC`) so that large copies
 //!   run in parallel rather than one after another on the queue thread.
 //! - `threads`: blocking `preadv`/`pwritev` on a thread pool (the `blocking`
@@ -29,7 +30,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use serde::Deserialize;
@@ -102,6 +103,9 @@ const LOCK_SHARED_BASE: i64 = 200;
 /// run in parallel instead of one after another on the queue thread.
 const ASYNC_THRESHOLD: usize = 128 << 10;
 
+/// After this many consecutive refused `RWF_NOWAIT` writes, stop trying.
+const NOWAIT_WRITE_GIVE_UP: u32 = 64;
+
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKSSZGET: libc::c_ulong = 0x1268;
 
@@ -114,6 +118,10 @@ pub struct FileDriver {
     blockdev: bool,
     read_only: bool,
     len: AtomicU64,
+    /// Consecutive refused `RWF_NOWAIT` writes; past a limit the file system
+    /// is taken not to support them (ext4 refuses every buffered one) and
+    /// writes go straight to the ring.
+    nowait_write_refusals: AtomicU32,
     align: u32,
     mem_align: u32,
 }
@@ -141,7 +149,7 @@ impl FileDriver {
         lock_image(&file, &opts.filename, opts.locking, read_only, flags.force_share)?;
         let (align, mem_align) = if flags.direct { probe_alignment(file.as_raw_fd(), blockdev, len) } else { (1, 1) };
         let engine = if opts.aio == Aio::Threads { Aio::Threads } else { Aio::IoUring };
-        let d = FileDriver { file, filename: opts.filename.clone(), engine, direct: flags.direct, blockdev, read_only, len: AtomicU64::new(len), align, mem_align };
+        let d = FileDriver { file, filename: opts.filename.clone(), engine, direct: flags.direct, blockdev, read_only, len: AtomicU64::new(len), nowait_write_refusals: AtomicU32::new(0), align, mem_align };
         Ok((d, read_only))
     }
 
@@ -181,6 +189,9 @@ impl FileDriver {
     fn try_nowait(&self, write: bool, offset: u64, buf: &IoVecs) -> usize {
         let iov = buf.as_iovecs();
         let Ok(off) = i64::try_from(offset) else { return 0 };
+        if write && self.nowait_write_refusals.load(Ordering::Relaxed) >= NOWAIT_WRITE_GIVE_UP {
+            return 0;
+        }
         // SAFETY: the iovecs describe buffers valid for reads and writes for
         // the duration of the request (the caller's contract for `buf`).
         let n = unsafe {
@@ -190,6 +201,13 @@ impl FileDriver {
                 libc::preadv2(self.fd(), iov.as_ptr(), iov.len() as i32, off, libc::RWF_NOWAIT)
             }
         };
+        if write {
+            if n > 0 {
+                self.nowait_write_refusals.store(0, Ordering::Relaxed);
+            } else {
+                self.nowait_write_refusals.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         usize::try_from(n).unwrap_or(0)
     }
 
