@@ -33,6 +33,15 @@ pub use args::{RunArgs, RwMode};
 pub use result::BenchResult;
 
 use std::fs;
+use std::io::Write;
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error.
+fn stdout(text: &str) -> Result<(), String> {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(format!("stdout: {e}")),
+        _ => Ok(()),
+    }
+}
 
 /// Options of `blkstack bench`.
 #[derive(Debug, clap::Args)]
@@ -67,12 +76,12 @@ fn run_once(args: &RunArgs) -> Result<(), String> {
     let r = run::run(args)?;
     let json = serde_json::to_string_pretty(&r).map_err(|e| format!("JSON: {e}"))?;
     match args.json.as_deref() {
-        Some(p) if p.as_os_str() == "-" => println!("{json}"),
+        Some(p) if p.as_os_str() == "-" => stdout(&(json + "\n"))?,
         Some(p) => {
             fs::write(p, json + "\n").map_err(|e| format!("{}: {e}", p.display()))?;
-            print!("{}", r.table());
+            stdout(&r.table())?;
         }
-        None => print!("{}", r.table()),
+        None => stdout(&r.table())?,
     }
     if r.errors > 0 {
         return Err(format!(
