@@ -18,7 +18,8 @@ fn bin() -> &'static str {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
@@ -49,7 +50,11 @@ fn start(program: &str, args: &[String], socket: &Path, log: &Path) -> Backend {
         if let Ok(Some(st)) = b.0.try_wait() {
             panic!("{program} exited early: {st}");
         }
-        assert!(Instant::now() < deadline, "{program} did not create {}", socket.display());
+        assert!(
+            Instant::now() < deadline,
+            "{program} did not create {}",
+            socket.display()
+        );
         thread::sleep(Duration::from_millis(10));
     }
     b
@@ -87,9 +92,12 @@ fn run_bench(args: &[String]) -> Output {
 fn num(v: &Value, path: &[&str]) -> f64 {
     let mut cur = v;
     for p in path {
-        cur = cur.get(p).unwrap_or_else(|| panic!("JSON lacks {}: {v}", path.join(".")));
+        cur = cur
+            .get(p)
+            .unwrap_or_else(|| panic!("JSON lacks {}: {v}", path.join(".")));
     }
-    cur.as_f64().unwrap_or_else(|| panic!("{} is not a number: {cur}", path.join(".")))
+    cur.as_f64()
+        .unwrap_or_else(|| panic!("{} is not a number: {cur}", path.join(".")))
 }
 
 /// Runs the client and checks the result's shape; returns the JSON.
@@ -112,16 +120,26 @@ fn bench_and_check(socket: &Path, pid: u32, extra: &[&str], dir: &Path) -> Value
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench failed: {stderr}");
-    assert!(stdout.contains("IOPS") && stdout.contains("p99"), "table missing: {stdout}");
-    assert!(stderr.contains("bench:"), "no progress line on stderr: {stderr}");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("json file")).expect("valid JSON");
+    assert!(
+        stdout.contains("IOPS") && stdout.contains("p99"),
+        "table missing: {stdout}"
+    );
+    assert!(
+        stderr.contains("bench:"),
+        "no progress line on stderr: {stderr}"
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("json file"))
+        .expect("valid JSON");
 
     assert_eq!(v["schema"], 1);
     assert!(num(&v, &["iops"]) > 0.0, "iops: {v}");
     assert!(num(&v, &["mib_s"]) > 0.0);
     assert!(num(&v, &["ops"]) > 0.0);
     assert_eq!(num(&v, &["errors"]), 0.0);
-    assert_eq!(num(&v, &["reads"]) + num(&v, &["writes"]), num(&v, &["ops"]));
+    assert_eq!(
+        num(&v, &["reads"]) + num(&v, &["writes"]),
+        num(&v, &["ops"])
+    );
     let el = num(&v, &["elapsed_s"]);
     assert!((0.5..5.0).contains(&el), "elapsed {el}");
     let (min, p50, p99, p999, max) = (
@@ -131,7 +149,11 @@ fn bench_and_check(socket: &Path, pid: u32, extra: &[&str], dir: &Path) -> Value
         num(&v, &["lat_us", "p99_9"]),
         num(&v, &["lat_us", "max"]),
     );
-    assert!(min > 0.0 && min <= p50 && p50 <= p99 && p99 <= p999 && p999 <= max, "latency order: {}", v["lat_us"]);
+    assert!(
+        min > 0.0 && min <= p50 && p50 <= p99 && p99 <= p999 && p999 <= max,
+        "latency order: {}",
+        v["lat_us"]
+    );
     let mean = num(&v, &["lat_us", "mean"]);
     assert!(mean >= min && mean <= max);
     assert_eq!(num(&v, &["backend", "pid"]), f64::from(pid));
@@ -162,7 +184,12 @@ fn bench_against_qsd_null() {
         ),
     ];
     let b = start(qsd, &args, &socket, &dir.join("qsd.log"));
-    let v = bench_and_check(&socket, b.0.id(), &["--rw", "randrw", "--iodepth", "8", "--queues", "2"], &dir);
+    let v = bench_and_check(
+        &socket,
+        b.0.id(),
+        &["--rw", "randrw", "--iodepth", "8", "--queues", "2"],
+        &dir,
+    );
     assert_eq!(v["workload"]["rw"], "randrw");
     assert_eq!(v["workload"]["queues"], 2);
     assert!(num(&v, &["reads"]) > 0.0 && num(&v, &["writes"]) > 0.0);
@@ -187,14 +214,24 @@ fn bench_against_blkstack_null() {
         ),
     ];
     let b = start(bin(), &args, &socket, &dir.join("blkstack.log"));
-    let v = bench_and_check(&socket, b.0.id(), &["--rw", "read", "--bs", "64k", "--iodepth", "4"], &dir);
+    let v = bench_and_check(
+        &socket,
+        b.0.id(),
+        &["--rw", "read", "--bs", "64k", "--iodepth", "4"],
+        &dir,
+    );
     assert_eq!(v["workload"]["bs"], 65536);
     assert!(num(&v, &["reads"]) > 0.0);
 }
 
 #[test]
 fn bench_reports_bad_input_without_panicking() {
-    let out = run_bench(&["--socket".into(), "/nonexistent/x.sock".into(), "--connect-timeout".into(), "0".into()]);
+    let out = run_bench(&[
+        "--socket".into(),
+        "/nonexistent/x.sock".into(),
+        "--connect-timeout".into(),
+        "0".into(),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("connect to /nonexistent/x.sock"), "{err}");

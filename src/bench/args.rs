@@ -117,7 +117,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     if digits == 0 {
-        return Err(format!("'{s}' is not a size (expected e.g. 4096, 4k, 1M, 4G)"));
+        return Err(format!(
+            "'{s}' is not a size (expected e.g. 4096, 4k, 1M, 4G)"
+        ));
     }
     let n: u64 = t[..digits]
         .parse()
@@ -128,7 +130,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 20,
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
-        other => return Err(format!("'{s}': unknown suffix '{other}' (use k, M, G or T)")),
+        other => {
+            return Err(format!(
+                "'{s}': unknown suffix '{other}' (use k, M, G or T)"
+            ))
+        }
     };
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("'{s}': size too large"))

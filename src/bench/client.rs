@@ -104,7 +104,8 @@ fn connect(socket: &Path, timeout: Duration, read_only: bool) -> Result<Blkio, S
     loop {
         let mut b = Blkio::new("virtio-blk-vhost-user").map_err(blkio_err("libblkio"))?;
         b.set_str("path", path).map_err(blkio_err("set path"))?;
-        b.set_bool("read-only", read_only).map_err(blkio_err("set read-only"))?;
+        b.set_bool("read-only", read_only)
+            .map_err(blkio_err("set read-only"))?;
         match b.connect() {
             Ok(()) => return Ok(b),
             Err(e) if start.elapsed() < timeout => {
@@ -137,10 +138,15 @@ fn read_info(b: &Blkio) -> Result<DeviceInfo, String> {
 fn segment_len(info: &DeviceInfo, bs: u64) -> Result<usize, String> {
     let align = u64::from(info.request_alignment.max(1));
     if bs == 0 || bs % align != 0 {
-        return Err(format!("--bs {bs} is not a multiple of the device's {align}-byte alignment"));
+        return Err(format!(
+            "--bs {bs} is not a multiple of the device's {align}-byte alignment"
+        ));
     }
     if info.max_transfer > 0 && bs > u64::from(info.max_transfer) {
-        return Err(format!("--bs {bs} exceeds the device's max-transfer {}", info.max_transfer));
+        return Err(format!(
+            "--bs {bs} exceeds the device's max-transfer {}",
+            info.max_transfer
+        ));
     }
     if bs > 1 << 30 {
         return Err(format!("--bs {bs} is too large (at most 1 GiB)"));
@@ -171,25 +177,42 @@ pub fn open(
     let mut b = connect(socket, connect_timeout, !shape.rw.writes())?;
     let mut info = read_info(&b)?;
     if queues > info.max_queues {
-        return Err(format!("--queues {queues}: the backend offers {}", info.max_queues));
+        return Err(format!(
+            "--queues {queues}: the backend offers {}",
+            info.max_queues
+        ));
     }
     shape.seg_len = segment_len(&info, shape.bs)?;
     let descs = (shape.iodepth * (2 + shape.segments())) as u32;
     let qs = match queue_size {
         Some(q) if q.is_power_of_two() && q <= 32768 => q,
-        Some(q) => return Err(format!("--queue-size {q} must be a power of two up to 32768")),
+        Some(q) => {
+            return Err(format!(
+                "--queue-size {q} must be a power of two up to 32768"
+            ))
+        }
         None => descs.next_power_of_two().clamp(256, MAX_QUEUE_SIZE),
     };
     if descs > qs {
-        log::warn!("iodepth {} needs {descs} descriptors; queue size {qs} limits it", shape.iodepth);
+        log::warn!(
+            "iodepth {} needs {descs} descriptors; queue size {qs} limits it",
+            shape.iodepth
+        );
     }
     info.queue_size = qs;
     let nq = i32::try_from(queues).map_err(|_| "too many queues".to_string())?;
-    b.set_i32("num-queues", nq).map_err(blkio_err("num-queues"))?;
-    b.set_i32("queue-size", qs as i32).map_err(blkio_err("queue-size"))?;
+    b.set_i32("num-queues", nq)
+        .map_err(blkio_err("num-queues"))?;
+    b.set_i32("queue-size", qs as i32)
+        .map_err(blkio_err("queue-size"))?;
     let started = b.start().map_err(blkio_err("start"))?;
     let region = map_buffers(&mut b, queues as usize, shape)?;
-    Ok(Device { blkio: b, queues: started.queues, region, info })
+    Ok(Device {
+        blkio: b,
+        queues: started.queues,
+        region,
+        info,
+    })
 }
 
 fn map_buffers(b: &mut Blkio, queues: usize, shape: &IoShape) -> Result<MemoryRegion, String> {
@@ -202,14 +225,17 @@ fn map_buffers(b: &mut Blkio, queues: usize, shape: &IoShape) -> Result<MemoryRe
         .and_then(|n| n.checked_mul(shape.slot_stride()))
         .ok_or("buffer region too large")?;
     let len = len.div_ceil(align) * align;
-    let region = b.alloc_mem_region(len).map_err(blkio_err("alloc_mem_region"))?;
+    let region = b
+        .alloc_mem_region(len)
+        .map_err(blkio_err("alloc_mem_region"))?;
     // SAFETY: alloc_mem_region returned a fresh, writable shared mapping of
     // `region.len` bytes at `region.addr`; nothing else references it yet.
     let bytes = unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u8, region.len) };
     for (i, byte) in bytes.iter_mut().enumerate() {
         *byte = (i as u8) ^ 0x5a; // non-zero data for writes
     }
-    b.map_mem_region(&region).map_err(blkio_err("map_mem_region"))?;
+    b.map_mem_region(&region)
+        .map_err(blkio_err("map_mem_region"))?;
     Ok(region)
 }
 
@@ -321,7 +347,8 @@ impl Worker {
                 .collect()
         };
         let blocks = shape.size / shape.bs;
-        let seed = 0x9e37_79b9_7f4a_7c15u64 ^ ((index as u64 + 1) << 32) ^ u64::from(std::process::id());
+        let seed =
+            0x9e37_79b9_7f4a_7c15u64 ^ ((index as u64 + 1) << 32) ^ u64::from(std::process::id());
         Worker {
             q,
             shape,
@@ -406,18 +433,26 @@ impl Worker {
     fn complete(&mut self, c: &Completion, now: Instant, measuring: bool) -> Result<usize, String> {
         let slot = c.user_data;
         if slot >= self.shape.iodepth {
-            return Err(format!("queue {}: completion for unknown request {slot}", self.index));
+            return Err(format!(
+                "queue {}: completion for unknown request {slot}",
+                self.index
+            ));
         }
         self.in_flight -= 1;
         if c.ret != 0 {
             self.result.errors += 1;
             if self.result.first_error.is_none() {
                 let err = std::io::Error::from_raw_os_error(c.ret.saturating_neg());
-                self.result.first_error = Some(format!("queue {}: request failed: {err}", self.index));
+                self.result.first_error =
+                    Some(format!("queue {}: request failed: {err}", self.index));
             }
         } else if measuring {
-            let ns = now.saturating_duration_since(self.submitted_at[slot]).as_nanos();
-            self.result.hist.record(u64::try_from(ns).unwrap_or(u64::MAX));
+            let ns = now
+                .saturating_duration_since(self.submitted_at[slot])
+                .as_nanos();
+            self.result
+                .hist
+                .record(u64::try_from(ns).unwrap_or(u64::MAX));
             if self.is_write[slot] {
                 self.result.writes += 1;
             } else {
@@ -438,7 +473,8 @@ impl Worker {
 
     fn run_inner(&mut self) -> Result<(), String> {
         let depth = self.shape.iodepth;
-        let mut out: Vec<MaybeUninit<Completion>> = (0..depth).map(|_| MaybeUninit::uninit()).collect();
+        let mut out: Vec<MaybeUninit<Completion>> =
+            (0..depth).map(|_| MaybeUninit::uninit()).collect();
         let now = Instant::now();
         for slot in 0..depth {
             self.submit(slot, now);
@@ -454,7 +490,10 @@ impl Worker {
                     break;
                 }
                 if now.duration_since(last_progress) > STALL_LIMIT {
-                    return Err(format!("queue {}: no completion for {:?}", self.index, STALL_LIMIT));
+                    return Err(format!(
+                        "queue {}: no completion for {:?}",
+                        self.index, STALL_LIMIT
+                    ));
                 }
                 continue;
             }
@@ -482,7 +521,10 @@ impl Worker {
             let n = self.reap(out)?;
             let now = Instant::now();
             if n == 0 && now.duration_since(last_progress) > STALL_LIMIT {
-                return Err(format!("queue {}: {} requests never completed", self.index, self.in_flight));
+                return Err(format!(
+                    "queue {}: {} requests never completed",
+                    self.index, self.in_flight
+                ));
             }
             for c in &out[..n] {
                 // SAFETY: do_io initialised the first `n` entries of `out`.
@@ -528,7 +570,10 @@ mod tests {
         assert!(segment_len(&info(4096, 0, 1), 8192).is_err());
         assert!(segment_len(&info(0, 0, 1), 1000).is_err());
         let v = split_iovecs(0x1000, 10_000, 4096);
-        assert_eq!(v.iter().map(|i| i.iov_len).collect::<Vec<_>>(), vec![4096, 4096, 1808]);
+        assert_eq!(
+            v.iter().map(|i| i.iov_len).collect::<Vec<_>>(),
+            vec![4096, 4096, 1808]
+        );
     }
 
     #[test]
@@ -538,6 +583,9 @@ mod tests {
         for _ in 0..100_000 {
             hits[r.below(10) as usize] += 1;
         }
-        assert!(hits.iter().all(|&h| (9_000..11_000).contains(&h)), "{hits:?}");
+        assert!(
+            hits.iter().all(|&h| (9_000..11_000).contains(&h)),
+            "{hits:?}"
+        );
     }
 }

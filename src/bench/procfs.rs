@@ -91,7 +91,10 @@ impl HostCpu {
             .map(|f| f.parse::<u64>().map_err(|e| format!("'{f}': {e}")))
             .collect::<Result<_, _>>()?;
         if v.len() < 8 {
-            return Err(format!("'cpu ' line has {} fields, expected 8 or more", v.len()));
+            return Err(format!(
+                "'cpu ' line has {} fields, expected 8 or more",
+                v.len()
+            ));
         }
         Ok(HostCpu {
             total: v[..8].iter().sum(),
@@ -128,9 +131,11 @@ impl HostCpu {
 
 /// The 1-minute load average.
 pub fn loadavg_1m() -> Result<f64, String> {
-    let text =
-        fs::read_to_string("/proc/loadavg").map_err(|e| format!("/proc/loadavg: {e}"))?;
-    let first = text.split_whitespace().next().ok_or("/proc/loadavg: empty")?;
+    let text = fs::read_to_string("/proc/loadavg").map_err(|e| format!("/proc/loadavg: {e}"))?;
+    let first = text
+        .split_whitespace()
+        .next()
+        .ok_or("/proc/loadavg: empty")?;
     first
         .parse()
         .map_err(|e| format!("/proc/loadavg '{first}': {e}"))

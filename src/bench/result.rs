@@ -167,7 +167,10 @@ impl BenchResult {
             fmt_size(w.size),
             self.elapsed_s,
             self.socket,
-            self.label.as_ref().map(|l| format!(" ({l})")).unwrap_or_default(),
+            self.label
+                .as_ref()
+                .map(|l| format!(" ({l})"))
+                .unwrap_or_default(),
         );
         s += &format!(
             "  IOPS       {:>12.0}   MiB/s {:.1}   (reads {}, writes {}, errors {})\n",

@@ -50,7 +50,10 @@ pub fn run(args: &RunArgs) -> Result<BenchResult, String> {
     let mut dev = client::open(socket, timeout, args.queues, args.queue_size, &mut shape)?;
     let size = args.size.unwrap_or(dev.info.capacity);
     if size > dev.info.capacity {
-        return Err(format!("--size {size} exceeds the device capacity {}", dev.info.capacity));
+        return Err(format!(
+            "--size {size} exceeds the device capacity {}",
+            dev.info.capacity
+        ));
     }
     shape.size = size - size % shape.bs;
     if shape.size == 0 {
@@ -89,7 +92,14 @@ pub fn run(args: &RunArgs) -> Result<BenchResult, String> {
         return Err(e);
     }
     let (start, end) = clock?;
-    let mut r = assemble(args, &shape, &results, &start, &end, socket.display().to_string());
+    let mut r = assemble(
+        args,
+        &shape,
+        &results,
+        &start,
+        &end,
+        socket.display().to_string(),
+    );
     r.device = info;
     Ok(r)
 }
@@ -147,11 +157,23 @@ struct Progress<'a> {
 impl<'a> Progress<'a> {
     fn new(quiet: bool, shared: &'a Shared) -> Self {
         let tty = std::io::stderr().is_terminal();
-        Progress { quiet, tty, shared, last_ops: 0, last_at: Instant::now(), printed: false }
+        Progress {
+            quiet,
+            tty,
+            shared,
+            last_ops: 0,
+            last_at: Instant::now(),
+            printed: false,
+        }
     }
 
     fn print(&mut self, elapsed: Duration, args: &RunArgs, measuring: bool) {
-        let ops: u64 = self.shared.completed.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        let ops: u64 = self
+            .shared
+            .completed
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum();
         let now = Instant::now();
         let dt = now.duration_since(self.last_at).as_secs_f64().max(1e-6);
         let iops = (ops - self.last_ops.min(ops)) as f64 / dt;
@@ -183,7 +205,11 @@ impl<'a> Progress<'a> {
     }
 }
 
-fn cpu_rate(a: &Option<Result<f64, String>>, b: &Option<Result<f64, String>>, secs: f64) -> Option<Result<f64, String>> {
+fn cpu_rate(
+    a: &Option<Result<f64, String>>,
+    b: &Option<Result<f64, String>>,
+    secs: f64,
+) -> Option<Result<f64, String>> {
     match (a, b) {
         (Some(Ok(x)), Some(Ok(y))) => Some(Ok((y - x).max(0.0) / secs)),
         (Some(Err(e)), _) | (_, Some(Err(e))) => Some(Err(e.clone())),
@@ -214,7 +240,9 @@ fn assemble(
     }
     let ops = reads + writes;
     let bytes = ops * shape.bs;
-    let backend = args.server_pid.map(|pid| backend_figures(pid, start, end, secs));
+    let backend = args
+        .server_pid
+        .map(|pid| backend_figures(pid, start, end, secs));
     let host = Host {
         steal_pct: match (&start.host, &end.host) {
             (Ok(a), Ok(b)) => Some(a.steal_pct(b)),
@@ -263,7 +291,10 @@ fn assemble(
 }
 
 fn backend_figures(pid: u32, start: &Snapshot, end: &Snapshot, secs: f64) -> Backend {
-    let mut b = Backend { pid, ..Default::default() };
+    let mut b = Backend {
+        pid,
+        ..Default::default()
+    };
     match cpu_rate(&start.backend_cpu, &end.backend_cpu, secs) {
         Some(Ok(v)) => b.cpu_s_per_s = Some(v),
         Some(Err(e)) => b.notes.push(format!("CPU: {e}")),

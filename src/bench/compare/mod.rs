@@ -200,7 +200,11 @@ pub fn main(args: CompareArgs) -> Result<(), String> {
     let md = report::markdown(&out);
     fs::write(&args.report, md).map_err(|e| format!("{}: {e}", args.report.display()))?;
     fs::write(&args.svg, svg::chart(&out)).map_err(|e| format!("{}: {e}", args.svg.display()))?;
-    eprintln!("compare: wrote {} and {}", args.report.display(), args.svg.display());
+    eprintln!(
+        "compare: wrote {} and {}",
+        args.report.display(),
+        args.svg.display()
+    );
     Ok(())
 }
 
@@ -216,7 +220,8 @@ fn first_line(program: &Path, args: &[&str]) -> Option<String> {
     if !o.status.success() {
         return None;
     }
-    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
     Some(text.lines().next().unwrap_or("").trim().to_string())
 }
 
@@ -226,14 +231,20 @@ fn find_tools(args: &CompareArgs, notes: &mut Vec<String>) -> Result<Tools, Stri
     let blkstack = match first_line(&blkstack_bin, &["serve", "--help"]) {
         Some(_) => Some(blkstack_bin),
         None => {
-            notes.push(format!("blkstack left out: `{} serve --help` failed", blkstack_bin.display()));
+            notes.push(format!(
+                "blkstack left out: `{} serve --help` failed",
+                blkstack_bin.display()
+            ));
             None
         }
     };
     let qsd = match first_line(&args.qsd, &["--version"]) {
         Some(_) => Some(args.qsd.clone()),
         None => {
-            notes.push(format!("qemu-storage-daemon left out: `{} --version` failed", args.qsd.display()));
+            notes.push(format!(
+                "qemu-storage-daemon left out: `{} --version` failed",
+                args.qsd.display()
+            ));
             None
         }
     };
@@ -245,11 +256,19 @@ fn find_tools(args: &CompareArgs, notes: &mut Vec<String>) -> Result<Tools, Stri
     let ch = match first_line(&ch_path, &["--version"]) {
         Some(_) => Some(ch_path),
         None => {
-            notes.push(format!("cloud-hypervisor peer left out: `{} --version` failed", ch_path.display()));
+            notes.push(format!(
+                "cloud-hypervisor peer left out: `{} --version` failed",
+                ch_path.display()
+            ));
             None
         }
     };
-    Ok(Tools { exe, blkstack, qsd, ch })
+    Ok(Tools {
+        exe,
+        blkstack,
+        qsd,
+        ch,
+    })
 }
 
 fn machine(tools: &Tools) -> Machine {
@@ -270,7 +289,8 @@ fn machine(tools: &Tools) -> Machine {
                 .and_then(|v| v.parse::<u64>().ok())
         })
         .map_or(0, |k| k / 1024);
-    let commit = first_line(Path::new("git"), &["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "?".into());
+    let commit = first_line(Path::new("git"), &["rev-parse", "--short", "HEAD"])
+        .unwrap_or_else(|| "?".into());
     let dirty = Command::new("git")
         .args(["status", "--porcelain", "--untracked-files=no"])
         .output()
@@ -280,10 +300,25 @@ fn machine(tools: &Tools) -> Machine {
         cpu,
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         mem_mib,
-        kernel: fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
-        qsd: tools.qsd.as_ref().and_then(|q| first_line(q, &["--version"])).unwrap_or_default(),
-        ch: tools.ch.as_ref().and_then(|c| first_line(c, &["--version"])).unwrap_or_default(),
-        blkstack: if dirty { format!("{commit} (with uncommitted changes)") } else { commit },
+        kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        qsd: tools
+            .qsd
+            .as_ref()
+            .and_then(|q| first_line(q, &["--version"]))
+            .unwrap_or_default(),
+        ch: tools
+            .ch
+            .as_ref()
+            .and_then(|c| first_line(c, &["--version"]))
+            .unwrap_or_default(),
+        blkstack: if dirty {
+            format!("{commit} (with uncommitted changes)")
+        } else {
+            commit
+        },
         load_before: super::procfs::loadavg_1m().unwrap_or(0.0),
         load_after: 0.0,
     }
@@ -302,19 +337,30 @@ fn selected(args: &CompareArgs) -> Result<Vec<WorkloadSpec>, String> {
     for id in &args.only {
         if !all.iter().any(|w| w.id == id) {
             let ids: Vec<&str> = all.iter().map(|w| w.id).collect();
-            return Err(format!("--only: unknown workload '{id}' (known: {})", ids.join(", ")));
+            return Err(format!(
+                "--only: unknown workload '{id}' (known: {})",
+                ids.join(", ")
+            ));
         }
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut v: Vec<WorkloadSpec> = all
         .into_iter()
-        .filter(|w| if args.only.is_empty() { (!args.quick || w.quick) && plan::fits(w, cpus) } else { args.only.iter().any(|o| o == w.id) })
+        .filter(|w| {
+            if args.only.is_empty() {
+                (!args.quick || w.quick) && plan::fits(w, cpus)
+            } else {
+                args.only.iter().any(|o| o == w.id)
+            }
+        })
         .collect();
     if !args.backends.is_empty() {
         for w in &mut v {
             w.backends.retain(|b| {
                 let id = b.id();
-                args.backends.iter().any(|s| *s == id || format!("{s}-poll") == id)
+                args.backends
+                    .iter()
+                    .any(|s| *s == id || format!("{s}-poll") == id)
             });
         }
     }
@@ -323,7 +369,9 @@ fn selected(args: &CompareArgs) -> Result<Vec<WorkloadSpec>, String> {
 
 /// UTC time as `YYYY-MM-DD HH:MM`.
 pub fn utc_now() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;
@@ -335,7 +383,11 @@ pub fn utc_now() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", rem / 3600, rem % 3600 / 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60
+    )
 }
 
 struct Ctx<'a> {
@@ -354,7 +406,8 @@ struct Ctx<'a> {
 /// directory, the log directory, the socket path and the image path.
 fn prepare_paths(args: &CompareArgs) -> Result<(PathBuf, PathBuf, PathBuf, String), String> {
     fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
-    let out_dir = fs::canonicalize(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let out_dir =
+        fs::canonicalize(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let logs = out_dir.join("logs");
     fs::create_dir_all(&logs).map_err(|e| format!("{}: {e}", logs.display()))?;
     let mut socket = out_dir.join("bench.sock");
@@ -468,7 +521,10 @@ fn progress_line(rec: &RunRecord, n: usize, total: usize, t0: Instant) {
             r.mib_s,
             r.lat_us.p50,
             r.lat_us.p99,
-            r.backend.as_ref().and_then(|b| b.cpu_s_per_s).map_or("n/a".into(), |c| format!("{c:.2}")),
+            r.backend
+                .as_ref()
+                .and_then(|b| b.cpu_s_per_s)
+                .map_or("n/a".into(), |c| format!("{c:.2}")),
             r.host.steal_pct.unwrap_or(0.0)
         ),
         (None, Some(e)) => format!("FAILED: {e}"),
@@ -483,7 +539,13 @@ fn progress_line(rec: &RunRecord, n: usize, total: usize, t0: Instant) {
     );
 }
 
-fn run_with_retries(ctx: &Ctx, w: &WorkloadSpec, b: &BackendSpec, round: usize, order: usize) -> RunRecord {
+fn run_with_retries(
+    ctx: &Ctx,
+    w: &WorkloadSpec,
+    b: &BackendSpec,
+    round: usize,
+    order: usize,
+) -> RunRecord {
     let params = LaunchParams {
         image: &ctx.image,
         size: ctx.args.image_size,
@@ -528,7 +590,10 @@ fn run_with_retries(ctx: &Ctx, w: &WorkloadSpec, b: &BackendSpec, round: usize, 
                     break;
                 }
                 ctx.retries_left.set(ctx.retries_left.get() - 1);
-                eprintln!("compare: {tag}: steal {steal:.1} % > {} %, repeating", ctx.args.max_steal);
+                eprintln!(
+                    "compare: {tag}: steal {steal:.1} % > {} %, repeating",
+                    ctx.args.max_steal
+                );
             }
             Err(e) => {
                 if rec.result.is_none() {
@@ -543,15 +608,23 @@ fn run_with_retries(ctx: &Ctx, w: &WorkloadSpec, b: &BackendSpec, round: usize, 
 
 /// Profiles blkstack with `perf` on the QD32 and QD1 random-read workloads
 /// (separate runs, not counted in the figures).
-fn profile_blkstack(ctx: &Ctx, blkstack: &Path, workloads: &[WorkloadSpec]) -> Vec<profile::Profile> {
+fn profile_blkstack(
+    ctx: &Ctx,
+    blkstack: &Path,
+    workloads: &[WorkloadSpec],
+) -> Vec<profile::Profile> {
     if first_line(Path::new("perf"), &["--version"]).is_none() {
         eprintln!("compare: perf not found, no profile");
         return Vec::new();
     }
     let mut v = Vec::new();
     for id in ["rr32", "rr1", "rw32"] {
-        let Some(w) = workloads.iter().find(|w| w.id == id) else { continue };
-        let Some(b) = w.backends.iter().find(|b| b.is_blkstack()) else { continue };
+        let Some(w) = workloads.iter().find(|w| w.id == id) else {
+            continue;
+        };
+        let Some(b) = w.backends.iter().find(|b| b.is_blkstack()) else {
+            continue;
+        };
         let params = LaunchParams {
             image: &ctx.image,
             size: ctx.args.image_size,
@@ -560,7 +633,9 @@ fn profile_blkstack(ctx: &Ctx, blkstack: &Path, workloads: &[WorkloadSpec]) -> V
         };
         let bargs = plan::backend_args(b, w, &params);
         let tag = format!("profile-{id}");
-        let r = profile::run(ctx.logs.as_path(), &tag, |hook| run_once_with(ctx, w, b, blkstack, &bargs, &tag, Some(hook)));
+        let r = profile::run(ctx.logs.as_path(), &tag, |hook| {
+            run_once_with(ctx, w, b, blkstack, &bargs, &tag, Some(hook))
+        });
         match r {
             Ok(p) => v.push(p),
             Err(e) => eprintln!("compare: profile of {id} failed: {e}"),
@@ -626,7 +701,11 @@ fn run_once_with(
         hook.map(|h| h(backend.pid(), ctx.ramp, ctx.seconds))
     });
     // CH exits by itself once the client is gone; the others are stopped.
-    let grace = if b.engine == Engine::Ch { Duration::from_secs(2) } else { Duration::ZERO };
+    let grace = if b.engine == Engine::Ch {
+        Duration::from_secs(2)
+    } else {
+        Duration::ZERO
+    };
     backend.stop(grace);
     r.map_err(|e| format!("{e} [backend: {}]", backend.log_tail()))
 }
@@ -664,9 +743,21 @@ mod tests {
             first_error: None,
             iops,
             mib_s: iops * 4096.0 / 1048576.0,
-            lat_us: Latency { p50, p99: p50 * 2.0, ..Default::default() },
-            backend: Some(B { pid: 1, cpu_s_per_s: Some(cpu), rss_kib: Some(rss_kib), notes: vec![] }),
-            host: Host { steal_pct: Some(0.5), ..Default::default() },
+            lat_us: Latency {
+                p50,
+                p99: p50 * 2.0,
+                ..Default::default()
+            },
+            backend: Some(B {
+                pid: 1,
+                cpu_s_per_s: Some(cpu),
+                rss_kib: Some(rss_kib),
+                notes: vec![],
+            }),
+            host: Host {
+                steal_pct: Some(0.5),
+                ..Default::default()
+            },
         }
     }
 
@@ -687,14 +778,49 @@ mod tests {
         let mut records = Vec::new();
         for round in 0..3 {
             let k = round as f64;
-            records.push(rec("rr32", "blkstack", round, Some(result(300_000.0 + k, 50.0, 1.0, 2048))));
-            records.push(rec("rr32", "qsd", round, Some(result(150_000.0 + k, 200.0, 1.0, 9000))));
-            records.push(rec("rr32", "ch", round, Some(result(200_000.0 + k, 100.0, 1.0, 2900))));
+            records.push(rec(
+                "rr32",
+                "blkstack",
+                round,
+                Some(result(300_000.0 + k, 50.0, 1.0, 2048)),
+            ));
+            records.push(rec(
+                "rr32",
+                "qsd",
+                round,
+                Some(result(150_000.0 + k, 200.0, 1.0, 9000)),
+            ));
+            records.push(rec(
+                "rr32",
+                "ch",
+                round,
+                Some(result(200_000.0 + k, 100.0, 1.0, 2900)),
+            ));
             records.push(rec("null", "blkstack", round, None));
-            records.push(rec("null", "qsd", round, Some(result(290_000.0, 90.0, 0.97, 9000))));
-            records.push(rec("rr1-poll", "blkstack-poll", round, Some(result(90_000.0, 10.0, 1.0, 2048))));
-            records.push(rec("rr1-poll", "qsd-poll", round, Some(result(50_000.0, 20.0, 1.0, 9000))));
-            records.push(rec("rr1-poll", "ch-poll", round, Some(result(90_000.0, 11.0, 1.0, 2900))));
+            records.push(rec(
+                "null",
+                "qsd",
+                round,
+                Some(result(290_000.0, 90.0, 0.97, 9000)),
+            ));
+            records.push(rec(
+                "rr1-poll",
+                "blkstack-poll",
+                round,
+                Some(result(90_000.0, 10.0, 1.0, 2048)),
+            ));
+            records.push(rec(
+                "rr1-poll",
+                "qsd-poll",
+                round,
+                Some(result(50_000.0, 20.0, 1.0, 9000)),
+            ));
+            records.push(rec(
+                "rr1-poll",
+                "ch-poll",
+                round,
+                Some(result(90_000.0, 11.0, 1.0, 2900)),
+            ));
         }
         CompareOutput {
             started: utc_now(),
@@ -720,12 +846,27 @@ mod tests {
     #[test]
     fn report_has_medians_ratios_and_targets() {
         let md = report::markdown(&output());
-        assert!(md.contains("| 4k randread QD32: IOPS ≥ 1.25× CH | 300k vs 200k = 1.50× | yes |"), "{md}");
-        assert!(md.contains("| *blkstack / QSD aio=io_uring* | 2.00×"), "{md}");
+        assert!(
+            md.contains("| 4k randread QD32: IOPS ≥ 1.25× CH | 300k vs 200k = 1.50× | yes |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| *blkstack / QSD aio=io_uring* | 2.00×"),
+            "{md}"
+        );
         assert!(md.contains("resident memory, one export (end of 4k randread QD32): ≤ CH | 2.00 vs 2.83 = 0.71× | yes"), "{md}");
-        assert!(md.contains("null 4k randread QD32: IOPS ≥ QSD | no data"), "{md}");
-        assert!(md.contains("## Runs that failed") && md.contains("boom"), "{md}");
-        assert!(md.contains("| QD1 4k randread, polling: p50 ≤ CH | 10.0 vs 11.0 = 0.91× | yes |"), "{md}");
+        assert!(
+            md.contains("null 4k randread QD32: IOPS ≥ QSD | no data"),
+            "{md}"
+        );
+        assert!(
+            md.contains("## Runs that failed") && md.contains("boom"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| QD1 4k randread, polling: p50 ≤ CH | 10.0 vs 11.0 = 0.91× | yes |"),
+            "{md}"
+        );
         assert!(md.contains("| *blkstack / CH poll_queue* |"), "{md}");
         let svg = svg::chart(&output());
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));

@@ -143,7 +143,19 @@ fn wl(
     quick: bool,
     backends: Vec<BackendSpec>,
 ) -> WorkloadSpec {
-    WorkloadSpec { id, title, rw, bs, iodepth, queues, backing, poll, throughput: bs >= M1, quick, backends }
+    WorkloadSpec {
+        id,
+        title,
+        rw,
+        bs,
+        iodepth,
+        queues,
+        backing,
+        poll,
+        throughput: bs >= M1,
+        quick,
+        backends,
+    }
 }
 
 /// The workloads of issue 12, in run order.
@@ -151,30 +163,191 @@ pub fn workloads() -> Vec<WorkloadSpec> {
     use Backing::*;
     use RwMode::*;
     let mut seq = trio(false);
-    seq.push(BackendSpec { engine: Engine::Qsd(Aio::Threads), poll: false });
+    seq.push(BackendSpec {
+        engine: Engine::Qsd(Aio::Threads),
+        poll: false,
+    });
     let direct = vec![
-        BackendSpec { engine: Engine::Blkstack, poll: false },
-        BackendSpec { engine: Engine::Qsd(Aio::Native), poll: false },
-        BackendSpec { engine: Engine::Ch, poll: false },
+        BackendSpec {
+            engine: Engine::Blkstack,
+            poll: false,
+        },
+        BackendSpec {
+            engine: Engine::Qsd(Aio::Native),
+            poll: false,
+        },
+        BackendSpec {
+            engine: Engine::Ch,
+            poll: false,
+        },
     ];
     let null = vec![
-        BackendSpec { engine: Engine::Blkstack, poll: false },
-        BackendSpec { engine: Engine::Qsd(Aio::IoUring), poll: false },
+        BackendSpec {
+            engine: Engine::Blkstack,
+            poll: false,
+        },
+        BackendSpec {
+            engine: Engine::Qsd(Aio::IoUring),
+            poll: false,
+        },
     ];
     vec![
-        wl("rr1", "4k randread QD1", Randread, K4, 1, 1, File, false, true, trio(false)),
-        wl("rr32", "4k randread QD32", Randread, K4, 32, 1, File, false, true, trio(false)),
-        wl("rw32", "4k randwrite QD32", Randwrite, K4, 32, 1, File, false, true, trio(false)),
-        wl("seq1m", "1M read QD8", Read, M1, 8, 1, File, false, true, seq),
-        wl("rr1-poll", "4k randread QD1, polling", Randread, K4, 1, 1, File, true, false, trio(true)),
-        wl("rr32-poll", "4k randread QD32, polling", Randread, K4, 32, 1, File, true, true, trio(true)),
-        wl("rw32-poll", "4k randwrite QD32, polling", Randwrite, K4, 32, 1, File, true, false, trio(true)),
-        wl("seq1m-poll", "1M read QD8, polling", Read, M1, 8, 1, File, true, false, trio(true)),
-        wl("direct", "4k randread QD32, O_DIRECT", Randread, K4, 32, 1, Direct, false, true, direct),
-        wl("null", "null 4k randread QD32", Randread, K4, 32, 1, Null, false, true, null),
-        wl("mq2", "4k randread QD32, 2 queues", Randread, K4, 32, 2, File, false, false, trio(false)),
-        wl("mq4", "4k randread QD32, 4 queues", Randread, K4, 32, 4, File, false, false, trio(false)),
-        wl("mq8", "4k randread QD32, 8 queues", Randread, K4, 32, 8, File, false, false, trio(false)),
+        wl(
+            "rr1",
+            "4k randread QD1",
+            Randread,
+            K4,
+            1,
+            1,
+            File,
+            false,
+            true,
+            trio(false),
+        ),
+        wl(
+            "rr32",
+            "4k randread QD32",
+            Randread,
+            K4,
+            32,
+            1,
+            File,
+            false,
+            true,
+            trio(false),
+        ),
+        wl(
+            "rw32",
+            "4k randwrite QD32",
+            Randwrite,
+            K4,
+            32,
+            1,
+            File,
+            false,
+            true,
+            trio(false),
+        ),
+        wl(
+            "seq1m",
+            "1M read QD8",
+            Read,
+            M1,
+            8,
+            1,
+            File,
+            false,
+            true,
+            seq,
+        ),
+        wl(
+            "rr1-poll",
+            "4k randread QD1, polling",
+            Randread,
+            K4,
+            1,
+            1,
+            File,
+            true,
+            false,
+            trio(true),
+        ),
+        wl(
+            "rr32-poll",
+            "4k randread QD32, polling",
+            Randread,
+            K4,
+            32,
+            1,
+            File,
+            true,
+            true,
+            trio(true),
+        ),
+        wl(
+            "rw32-poll",
+            "4k randwrite QD32, polling",
+            Randwrite,
+            K4,
+            32,
+            1,
+            File,
+            true,
+            false,
+            trio(true),
+        ),
+        wl(
+            "seq1m-poll",
+            "1M read QD8, polling",
+            Read,
+            M1,
+            8,
+            1,
+            File,
+            true,
+            false,
+            trio(true),
+        ),
+        wl(
+            "direct",
+            "4k randread QD32, O_DIRECT",
+            Randread,
+            K4,
+            32,
+            1,
+            Direct,
+            false,
+            true,
+            direct,
+        ),
+        wl(
+            "null",
+            "null 4k randread QD32",
+            Randread,
+            K4,
+            32,
+            1,
+            Null,
+            false,
+            true,
+            null,
+        ),
+        wl(
+            "mq2",
+            "4k randread QD32, 2 queues",
+            Randread,
+            K4,
+            32,
+            2,
+            File,
+            false,
+            false,
+            trio(false),
+        ),
+        wl(
+            "mq4",
+            "4k randread QD32, 4 queues",
+            Randread,
+            K4,
+            32,
+            4,
+            File,
+            false,
+            false,
+            trio(false),
+        ),
+        wl(
+            "mq8",
+            "4k randread QD32, 8 queues",
+            Randread,
+            K4,
+            32,
+            8,
+            File,
+            false,
+            false,
+            trio(false),
+        ),
     ]
 }
 
@@ -269,7 +442,12 @@ mod tests {
     #[test]
     fn command_lines() {
         let ws = workloads();
-        let p = LaunchParams { image: "/i.img", size: 4096, socket: "/s.sock", poll_us: 50 };
+        let p = LaunchParams {
+            image: "/i.img",
+            size: 4096,
+            socket: "/s.sock",
+            poll_us: 50,
+        };
         let direct = ws.iter().find(|w| w.id == "direct").expect("direct");
         let qsd = backend_args(&direct.backends[1], direct, &p).join(" ");
         assert_eq!(
@@ -278,8 +456,12 @@ mod tests {
              type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=/s.sock,writable=on,num-queues=1"
         );
         let poll = ws.iter().find(|w| w.id == "rr1-poll").expect("rr1-poll");
-        assert!(backend_args(&poll.backends[0], poll, &p).join(" ").ends_with(",poll-us=50"));
-        assert!(backend_args(&poll.backends[2], poll, &p)[1].ends_with("direct=false,poll_queue=true"));
+        assert!(backend_args(&poll.backends[0], poll, &p)
+            .join(" ")
+            .ends_with(",poll-us=50"));
+        assert!(
+            backend_args(&poll.backends[2], poll, &p)[1].ends_with("direct=false,poll_queue=true")
+        );
         let null = ws.iter().find(|w| w.id == "null").expect("null");
         assert!(backend_args(&null.backends[0], null, &p)[2].starts_with("driver=null-co"));
         for w in &ws {

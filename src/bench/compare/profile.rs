@@ -39,7 +39,18 @@ pub fn run(
         std::thread::sleep(Duration::from_secs_f64(ramp + 0.2));
         let secs = (seconds - 0.5).max(0.5);
         Command::new("perf")
-            .args(["record", "-F", "1999", "-g", "-o", &data_s, "-p", &pid.to_string(), "--", "sleep"])
+            .args([
+                "record",
+                "-F",
+                "1999",
+                "-g",
+                "-o",
+                &data_s,
+                "-p",
+                &pid.to_string(),
+                "--",
+                "sleep",
+            ])
             .arg(format!("{secs:.1}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -50,14 +61,31 @@ pub fn run(
     let r = run(&mut start)?;
     let report = |sort: &str, limit: &str| -> Result<String, String> {
         let o = Command::new("perf")
-            .args(["report", "-i", &data_s, "--stdio", "--no-children", "-g", "none", "--sort", sort, "--percent-limit", limit])
+            .args([
+                "report",
+                "-i",
+                &data_s,
+                "--stdio",
+                "--no-children",
+                "-g",
+                "none",
+                "--sort",
+                sort,
+                "--percent-limit",
+                limit,
+            ])
             .stderr(Stdio::null())
             .output()
             .map_err(|e| format!("perf report: {e}"))?;
         let text = String::from_utf8_lossy(&o.stdout);
         Ok(text
             .lines()
-            .filter(|l| l.trim_start().chars().next().is_some_and(|c| c.is_ascii_digit()))
+            .filter(|l| {
+                l.trim_start()
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_digit())
+            })
             .map(|l| l.trim_end().to_string())
             .collect::<Vec<_>>()
             .join("\n"))

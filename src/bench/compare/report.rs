@@ -45,12 +45,18 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     let m = v.len() / 2;
-    Some(if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 })
+    Some(if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    })
 }
 
 fn stats(records: &[&RunRecord]) -> Stats {
     let rs: Vec<_> = records.iter().filter_map(|r| r.result.as_ref()).collect();
-    let col = |f: &dyn Fn(&crate::bench::BenchResult) -> Option<f64>| median(rs.iter().filter_map(|r| f(r)).collect());
+    let col = |f: &dyn Fn(&crate::bench::BenchResult) -> Option<f64>| {
+        median(rs.iter().filter_map(|r| f(r)).collect())
+    };
     let steals: Vec<f64> = rs.iter().filter_map(|r| r.host.steal_pct).collect();
     Stats {
         n: rs.len(),
@@ -65,7 +71,12 @@ fn stats(records: &[&RunRecord]) -> Stats {
             let c = r.backend.as_ref().and_then(|b| b.cpu_s_per_s)?;
             (c > 0.0).then(|| r.iops / c)
         }),
-        rss_mib: col(&|r| r.backend.as_ref().and_then(|b| b.rss_kib).map(|k| k as f64 / 1024.0)),
+        rss_mib: col(&|r| {
+            r.backend
+                .as_ref()
+                .and_then(|b| b.rss_kib)
+                .map(|k| k as f64 / 1024.0)
+        }),
         steal: median(steals.clone()).unwrap_or(0.0),
         steal_max: steals.iter().copied().fold(0.0, f64::max),
     }
@@ -75,7 +86,10 @@ fn stats(records: &[&RunRecord]) -> Stats {
 pub fn all_stats(out: &CompareOutput) -> BTreeMap<(String, String), Stats> {
     let mut groups: BTreeMap<(String, String), Vec<&RunRecord>> = BTreeMap::new();
     for r in &out.records {
-        groups.entry((r.workload.clone(), r.backend.clone())).or_default().push(r);
+        groups
+            .entry((r.workload.clone(), r.backend.clone()))
+            .or_default()
+            .push(r);
     }
     groups.into_iter().map(|(k, v)| (k, stats(&v))).collect()
 }
@@ -119,13 +133,24 @@ const COLS: [Col; 9] = [
 ];
 
 fn backend_title(w: &WorkloadSpec, id: &str) -> String {
-    w.backends.iter().find(|b| b.id() == id).map_or(id.to_string(), |b| b.title())
+    w.backends
+        .iter()
+        .find(|b| b.id() == id)
+        .map_or(id.to_string(), |b| b.title())
 }
 
 /// Reference backends of a workload: the first QSD row and the CH row.
 fn refs(w: &WorkloadSpec) -> (Option<String>, Option<String>) {
-    let qsd = w.backends.iter().find(|b| matches!(b.engine, plan::Engine::Qsd(_))).map(|b| b.id());
-    let ch = w.backends.iter().find(|b| b.engine == plan::Engine::Ch).map(|b| b.id());
+    let qsd = w
+        .backends
+        .iter()
+        .find(|b| matches!(b.engine, plan::Engine::Qsd(_)))
+        .map(|b| b.id());
+    let ch = w
+        .backends
+        .iter()
+        .find(|b| b.engine == plan::Engine::Ch)
+        .map(|b| b.id());
     (qsd, ch)
 }
 
@@ -147,16 +172,31 @@ fn workload_table(s: &mut String, w: &WorkloadSpec, st: &BTreeMap<(String, Strin
     for b in &w.backends {
         let Some(x) = get(&b.id()) else { continue };
         let cells: Vec<String> = COLS.iter().map(|c| opt(c.1(x))).collect();
-        let runs = if x.failed > 0 { format!("{} (+{} failed)", x.n, x.failed) } else { x.n.to_string() };
+        let runs = if x.failed > 0 {
+            format!("{} (+{} failed)", x.n, x.failed)
+        } else {
+            x.n.to_string()
+        };
         let _ = writeln!(s, "| {} | {} | {runs} |", b.title(), cells.join(" | "));
     }
-    let Some(bid) = w.backends.iter().find(|b| b.is_blkstack()).map(|b| b.id()) else { return };
-    let Some(bx) = get(&bid).filter(|x| x.n > 0) else { return };
+    let Some(bid) = w.backends.iter().find(|b| b.is_blkstack()).map(|b| b.id()) else {
+        return;
+    };
+    let Some(bx) = get(&bid).filter(|x| x.n > 0) else {
+        return;
+    };
     let (qsd, ch) = refs(w);
     for r in [qsd, ch].into_iter().flatten() {
-        let Some(rx) = get(&r).filter(|x| x.n > 0) else { continue };
+        let Some(rx) = get(&r).filter(|x| x.n > 0) else {
+            continue;
+        };
         let cells: Vec<String> = COLS.iter().map(|c| ratio(c.1(bx), c.1(rx))).collect();
-        let _ = writeln!(s, "| *blkstack / {}* | {} | |", backend_title(w, &r), cells.join(" | "));
+        let _ = writeln!(
+            s,
+            "| *blkstack / {}* | {} | |",
+            backend_title(w, &r),
+            cells.join(" | ")
+        );
     }
 }
 
@@ -179,13 +219,25 @@ fn target_ratio(
     higher_better: bool,
     what: String,
 ) -> Target {
-    let get = |b: &str| st.get(&(wl.to_string(), b.to_string())).filter(|x| x.n > 0).and_then(field);
-    let ours = if other.ends_with("-poll") { "blkstack-poll" } else { "blkstack" };
+    let get = |b: &str| {
+        st.get(&(wl.to_string(), b.to_string()))
+            .filter(|x| x.n > 0)
+            .and_then(field)
+    };
+    let ours = if other.ends_with("-poll") {
+        "blkstack-poll"
+    } else {
+        "blkstack"
+    };
     match (get(ours), get(other)) {
         (Some(a), Some(b)) if b > 0.0 => {
             let r = a / b;
             let met = if higher_better { r >= want } else { r <= want };
-            Target { what, measured: format!("{} vs {} = {r:.2}×", num(a), num(b)), met: Some(met) }
+            Target {
+                what,
+                measured: format!("{} vs {} = {r:.2}×", num(a), num(b)),
+                met: Some(met),
+            }
         }
         (a, b) => Target {
             what,
@@ -205,32 +257,142 @@ pub fn targets(st: &BTreeMap<(String, String), Stats>) -> Vec<Target> {
         ("rw32", "ch", "4k randwrite QD32"),
         ("rw32-poll", "ch-poll", "4k randwrite QD32, polling"),
     ] {
-        t.push(target_ratio(st, wl, ch, iops, 1.25, true, format!("{name}: IOPS ≥ 1.25× CH")));
+        t.push(target_ratio(
+            st,
+            wl,
+            ch,
+            iops,
+            1.25,
+            true,
+            format!("{name}: IOPS ≥ 1.25× CH"),
+        ));
     }
-    for (wl, ch, qsd, name) in [("rr1", "ch", "qsd", "QD1 4k randread"), ("rr1-poll", "ch-poll", "qsd-poll", "QD1 4k randread, polling")] {
-        t.push(target_ratio(st, wl, ch, |s| Some(s.p50), 1.0, false, format!("{name}: p50 ≤ CH")));
-        t.push(target_ratio(st, wl, qsd, |s| Some(s.p99), 1.0, false, format!("{name}: p99 ≤ QSD")));
+    for (wl, ch, qsd, name) in [
+        ("rr1", "ch", "qsd", "QD1 4k randread"),
+        (
+            "rr1-poll",
+            "ch-poll",
+            "qsd-poll",
+            "QD1 4k randread, polling",
+        ),
+    ] {
+        t.push(target_ratio(
+            st,
+            wl,
+            ch,
+            |s| Some(s.p50),
+            1.0,
+            false,
+            format!("{name}: p50 ≤ CH"),
+        ));
+        t.push(target_ratio(
+            st,
+            wl,
+            qsd,
+            |s| Some(s.p99),
+            1.0,
+            false,
+            format!("{name}: p99 ≤ QSD"),
+        ));
     }
     let mib: fn(&Stats) -> Option<f64> = |s| Some(s.mib_s);
-    t.push(target_ratio(st, "seq1m", "qsd", mib, 1.3, true, "1M read QD8: MiB/s ≥ 1.3× QSD io_uring".into()));
-    t.push(target_ratio(st, "seq1m", "qsd-threads", mib, 1.0, true, "1M read QD8: MiB/s ≥ QSD aio=threads".into()));
-    t.push(target_ratio(st, "direct", "qsd-native", iops, 1.0, true, "O_DIRECT 4k randread QD32: IOPS ≥ QSD aio=native".into()));
-    t.push(target_ratio(st, "null", "qsd", |s| s.iops_per_cpu, 2.0, true, "null 4k randread QD32: IOPS per CPU-s ≥ 2× QSD".into()));
-    t.push(target_ratio(st, "null", "qsd", iops, 1.0, true, "null 4k randread QD32: IOPS ≥ QSD".into()));
-    t.push(target_ratio(st, "rr32", "ch", |s| s.rss_mib, 1.0, false, "resident memory, one export (end of 4k randread QD32): ≤ CH".into()));
+    t.push(target_ratio(
+        st,
+        "seq1m",
+        "qsd",
+        mib,
+        1.3,
+        true,
+        "1M read QD8: MiB/s ≥ 1.3× QSD io_uring".into(),
+    ));
+    t.push(target_ratio(
+        st,
+        "seq1m",
+        "qsd-threads",
+        mib,
+        1.0,
+        true,
+        "1M read QD8: MiB/s ≥ QSD aio=threads".into(),
+    ));
+    t.push(target_ratio(
+        st,
+        "direct",
+        "qsd-native",
+        iops,
+        1.0,
+        true,
+        "O_DIRECT 4k randread QD32: IOPS ≥ QSD aio=native".into(),
+    ));
+    t.push(target_ratio(
+        st,
+        "null",
+        "qsd",
+        |s| s.iops_per_cpu,
+        2.0,
+        true,
+        "null 4k randread QD32: IOPS per CPU-s ≥ 2× QSD".into(),
+    ));
+    t.push(target_ratio(
+        st,
+        "null",
+        "qsd",
+        iops,
+        1.0,
+        true,
+        "null 4k randread QD32: IOPS ≥ QSD".into(),
+    ));
+    t.push(target_ratio(
+        st,
+        "rr32",
+        "ch",
+        |s| s.rss_mib,
+        1.0,
+        false,
+        "resident memory, one export (end of 4k randread QD32): ≤ CH".into(),
+    ));
     t
 }
 
 fn machine_section(s: &mut String, out: &CompareOutput) {
     let m = &out.machine;
-    let steals: Vec<f64> = out.records.iter().filter_map(|r| r.result.as_ref()?.host.steal_pct).collect();
-    let busy: Vec<f64> = out.records.iter().filter_map(|r| r.result.as_ref()?.host.busy_cpus).collect();
-    let loads: Vec<f64> = out.records.iter().filter_map(|r| r.result.as_ref()?.host.loadavg_1m).collect();
+    let steals: Vec<f64> = out
+        .records
+        .iter()
+        .filter_map(|r| r.result.as_ref()?.host.steal_pct)
+        .collect();
+    let busy: Vec<f64> = out
+        .records
+        .iter()
+        .filter_map(|r| r.result.as_ref()?.host.busy_cpus)
+        .collect();
+    let loads: Vec<f64> = out
+        .records
+        .iter()
+        .filter_map(|r| r.result.as_ref()?.host.loadavg_1m)
+        .collect();
     let repeated = out.records.iter().filter(|r| r.attempts > 1).count();
-    let over = out.records.iter().filter(|r| r.result.as_ref().and_then(|x| x.host.steal_pct).unwrap_or(0.0) > out.max_steal).count();
+    let over = out
+        .records
+        .iter()
+        .filter(|r| {
+            r.result
+                .as_ref()
+                .and_then(|x| x.host.steal_pct)
+                .unwrap_or(0.0)
+                > out.max_steal
+        })
+        .count();
     let _ = writeln!(s, "\n## Machine and conditions\n");
-    let _ = writeln!(s, "- CPU: {} × {} ({} MiB RAM), kernel {}", m.cpus, m.cpu, m.mem_mib, m.kernel);
-    let _ = writeln!(s, "- {} ; CH peer: {} ; blkstack commit {}", m.qsd, m.ch, m.blkstack);
+    let _ = writeln!(
+        s,
+        "- CPU: {} × {} ({} MiB RAM), kernel {}",
+        m.cpus, m.cpu, m.mem_mib, m.kernel
+    );
+    let _ = writeln!(
+        s,
+        "- {} ; CH peer: {} ; blkstack commit {}",
+        m.qsd, m.ch, m.blkstack
+    );
     let _ = writeln!(
         s,
         "- Run started {} UTC, took {:.0} s: {} round(s), {} s measured + {} s ramp per run, image {} ({}).",
@@ -310,7 +472,10 @@ fn profiles(s: &mut String, out: &CompareOutput) {
     if out.profiles.is_empty() {
         return;
     }
-    let _ = writeln!(s, "\n## Profile of blkstack (`perf record -g`, self time)\n");
+    let _ = writeln!(
+        s,
+        "\n## Profile of blkstack (`perf record -g`, self time)\n"
+    );
     let _ = writeln!(s, "Separate runs under `perf` (not counted above), sampled at 1999 Hz during the measured part.");
     for p in &out.profiles {
         let _ = writeln!(
@@ -326,9 +491,15 @@ fn profiles(s: &mut String, out: &CompareOutput) {
 }
 
 fn all_runs(s: &mut String, out: &CompareOutput) {
-    let _ = writeln!(s, "\n<details><summary>Every run (in run order)</summary>\n");
+    let _ = writeln!(
+        s,
+        "\n<details><summary>Every run (in run order)</summary>\n"
+    );
     let _ = writeln!(s, "| round | workload | backend | IOPS | MiB/s | p50 µs | p99 µs | CPU s/s | steal % | busy CPUs | load 1 min | attempts |");
-    let _ = writeln!(s, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in &out.records {
         let cells = match &r.result {
             Some(x) => format!(
@@ -344,7 +515,14 @@ fn all_runs(s: &mut String, out: &CompareOutput) {
             ),
             None => "failed | | | | | | |".to_string(),
         };
-        let _ = writeln!(s, "| {} | {} | {} | {cells} | {} |", r.round + 1, r.workload, r.backend, r.attempts);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {cells} | {} |",
+            r.round + 1,
+            r.workload,
+            r.backend,
+            r.attempts
+        );
     }
     let _ = writeln!(s, "\n</details>");
 }
@@ -359,7 +537,14 @@ fn failures(s: &mut String, out: &CompareOutput) {
     for r in failed {
         let e = r.error.as_deref().unwrap_or("?");
         if seen.insert((r.backend.clone(), e.to_string())) {
-            let _ = writeln!(s, "- `{}` on `{}` (round {}): {}", r.backend, r.workload, r.round + 1, e.replace('\n', " "));
+            let _ = writeln!(
+                s,
+                "- `{}` on `{}` (round {}): {}",
+                r.backend,
+                r.workload,
+                r.round + 1,
+                e.replace('\n', " ")
+            );
         }
     }
 }
@@ -367,15 +552,22 @@ fn failures(s: &mut String, out: &CompareOutput) {
 /// The whole report.
 pub fn markdown(out: &CompareOutput) -> String {
     let st = all_stats(out);
-    let ws: Vec<WorkloadSpec> = plan::workloads().into_iter().filter(|w| out.workloads.iter().any(|x| x == w.id)).collect();
-    let mut s = String::from("# blkstack vs qemu-storage-daemon vs cloud-hypervisor vhost_user_block\n\n");
+    let ws: Vec<WorkloadSpec> = plan::workloads()
+        .into_iter()
+        .filter(|w| out.workloads.iter().any(|x| x == w.id))
+        .collect();
+    let mut s =
+        String::from("# blkstack vs qemu-storage-daemon vs cloud-hypervisor vhost_user_block\n\n");
     let _ = writeln!(
         s,
         "Written by `blkstack bench compare` (`make bench`){}. Raw results: `bench/out/results.json`. Chart: [report.svg](report.svg).",
         if out.quick { " in **quick mode** (not for conclusions)" } else { "" }
     );
     let _ = writeln!(s, "\n## Targets (issue 12), from the medians of this run\n");
-    let _ = writeln!(s, "| target | measured (blkstack vs other) | met |\n|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| target | measured (blkstack vs other) | met |\n|---|---|---|"
+    );
     for t in targets(&st) {
         let met = match t.met {
             Some(true) => "yes",
@@ -397,14 +589,20 @@ pub fn markdown(out: &CompareOutput) -> String {
     all_runs(&mut s, out);
     let _ = writeln!(s, "\n## Reproduce\n");
     let _ = writeln!(s, "```\nmake bench                     # = bash bench/compare.sh (full run, ~25 min on 2 cores)\nbash bench/compare.sh --quick  # 1 round, 2 s per run, main workloads\ntarget/release/blkstack bench compare --only rr32 --rounds 1\ntarget/release/blkstack bench compare --from bench/out/results.json  # rebuild this report\n```");
-    if let Some(r) = out.records.iter().find(|r| r.workload == "rr32" && r.backend == "blkstack") {
+    if let Some(r) = out
+        .records
+        .iter()
+        .find(|r| r.workload == "rr32" && r.backend == "blkstack")
+    {
         let _ = writeln!(s, "\nOne run by hand (blkstack, 4k randread QD32):\n\n```\n{} &\ntarget/release/blkstack bench --socket {} --rw randread --bs 4k --iodepth 32 --seconds {} --server-pid $!\n```", r.command, out.socket, out.seconds);
     }
     s
 }
 
 fn iops_of(st: &BTreeMap<(String, String), Stats>, wl: &str, b: &str) -> Option<f64> {
-    st.get(&(wl.to_string(), b.to_string())).filter(|x| x.n > 0).map(|x| x.iops)
+    st.get(&(wl.to_string(), b.to_string()))
+        .filter(|x| x.n > 0)
+        .map(|x| x.iops)
 }
 
 fn scaling_target(st: &BTreeMap<(String, String), Stats>, cpus: usize) -> String {
@@ -423,14 +621,31 @@ fn scaling_target(st: &BTreeMap<(String, String), Stats>, cpus: usize) -> String
 }
 
 fn scaling(s: &mut String, st: &BTreeMap<(String, String), Stats>) {
-    let _ = writeln!(s, "\n### Queue scaling, 4k randread QD32 per queue (IOPS; % of linear)\n");
-    let _ = writeln!(s, "| backend | 1 queue | 2 queues | 4 queues | 8 queues |\n|---|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "\n### Queue scaling, 4k randread QD32 per queue (IOPS; % of linear)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| backend | 1 queue | 2 queues | 4 queues | 8 queues |\n|---|---:|---:|---:|---:|"
+    );
     for b in ["blkstack", "qsd", "ch"] {
-        let Some(one) = iops_of(st, "rr32", b) else { continue };
-        let cell = |wl: &str, n: f64| {
-            iops_of(st, wl, b).map_or("–".into(), |v| format!("{} ({:.0} %)", num(v), 100.0 * v / (n * one)))
+        let Some(one) = iops_of(st, "rr32", b) else {
+            continue;
         };
-        let _ = writeln!(s, "| {b} | {} | {} | {} | {} |", num(one), cell("mq2", 2.0), cell("mq4", 4.0), cell("mq8", 8.0));
+        let cell = |wl: &str, n: f64| {
+            iops_of(st, wl, b).map_or("–".into(), |v| {
+                format!("{} ({:.0} %)", num(v), 100.0 * v / (n * one))
+            })
+        };
+        let _ = writeln!(
+            s,
+            "| {b} | {} | {} | {} | {} |",
+            num(one),
+            cell("mq2", 2.0),
+            cell("mq4", 4.0),
+            cell("mq8", 8.0)
+        );
     }
 }
 

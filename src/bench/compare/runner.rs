@@ -25,14 +25,18 @@ pub fn prepare_image(path: &Path, size: u64) -> Result<(), String> {
     }
     eprintln!("compare: writing {} ({} MiB)", path.display(), size >> 20);
     let mut f = File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let chunk: Vec<u8> = (0..1usize << 20).map(|i| (i as u8).wrapping_mul(7) | 1).collect();
+    let chunk: Vec<u8> = (0..1usize << 20)
+        .map(|i| (i as u8).wrapping_mul(7) | 1)
+        .collect();
     let mut left = size;
     while left > 0 {
         let n = left.min(chunk.len() as u64) as usize;
-        f.write_all(&chunk[..n]).map_err(|e| format!("{}: {e}", path.display()))?;
+        f.write_all(&chunk[..n])
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         left -= n as u64;
     }
-    f.sync_all().map_err(|e| format!("{}: sync: {e}", path.display()))
+    f.sync_all()
+        .map_err(|e| format!("{}: sync: {e}", path.display()))
 }
 
 /// Reads the whole image so it sits in the page cache.
@@ -54,7 +58,8 @@ pub fn sync_image(path: &Path) -> Result<(), String> {
         .write(true)
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    f.sync_all().map_err(|e| format!("{}: sync: {e}", path.display()))
+    f.sync_all()
+        .map_err(|e| format!("{}: sync: {e}", path.display()))
 }
 
 /// A running backend.
@@ -67,14 +72,21 @@ pub struct Backend {
 impl Backend {
     /// Starts `program args`, logging to `log`, and waits until `socket`
     /// exists (up to 10 s).
-    pub fn start(program: &Path, args: &[String], socket: &Path, log: &Path) -> Result<Backend, String> {
+    pub fn start(
+        program: &Path,
+        args: &[String],
+        socket: &Path,
+        log: &Path,
+    ) -> Result<Backend, String> {
         match fs::remove_file(socket) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("{}: {e}", socket.display())),
         }
         let out = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let err = out.try_clone().map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| format!("{}: {e}", log.display()))?;
         let child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
@@ -82,18 +94,32 @@ impl Backend {
             .stderr(err)
             .spawn()
             .map_err(|e| format!("start {}: {e}", program.display()))?;
-        let mut b = Backend { child, log: log.to_path_buf() };
+        let mut b = Backend {
+            child,
+            log: log.to_path_buf(),
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if fs::metadata(socket).map(|m| m.file_type().is_socket()).unwrap_or(false) {
+            if fs::metadata(socket)
+                .map(|m| m.file_type().is_socket())
+                .unwrap_or(false)
+            {
                 return Ok(b);
             }
             if let Ok(Some(st)) = b.child.try_wait() {
-                return Err(format!("{} exited ({st}) before listening: {}", program.display(), b.log_tail()));
+                return Err(format!(
+                    "{} exited ({st}) before listening: {}",
+                    program.display(),
+                    b.log_tail()
+                ));
             }
             if Instant::now() > deadline {
                 b.stop(Duration::ZERO);
-                return Err(format!("{} did not create {} within 10 s", program.display(), socket.display()));
+                return Err(format!(
+                    "{} did not create {} within 10 s",
+                    program.display(),
+                    socket.display()
+                ));
             }
             thread::sleep(Duration::from_millis(5));
         }
@@ -162,7 +188,9 @@ pub fn run_client(
 ) -> Result<BenchResult, String> {
     let _ = fs::remove_file(json);
     let out = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let err = out.try_clone().map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| format!("{}: {e}", log.display()))?;
     let mut child = Command::new(exe)
         .arg("bench")
         .args(args)
@@ -191,7 +219,8 @@ pub fn run_client(
     let text = fs::read_to_string(json);
     match text {
         Ok(t) => {
-            let r: BenchResult = serde_json::from_str(&t).map_err(|e| format!("{}: {e}", json.display()))?;
+            let r: BenchResult =
+                serde_json::from_str(&t).map_err(|e| format!("{}: {e}", json.display()))?;
             if !status.success() && r.ops == 0 {
                 return Err(format!("client failed ({status}): {}", tail(log)));
             }

@@ -18,20 +18,30 @@ fn color(engine: Engine, id: &str) -> &'static str {
     match engine {
         Engine::Blkstack => "#1f77b4",
         Engine::Ch => "#2ca02c",
-        Engine::Qsd(_) if id.starts_with("qsd-threads") || id.starts_with("qsd-native") => "#fdae6b",
+        Engine::Qsd(_) if id.starts_with("qsd-threads") || id.starts_with("qsd-native") => {
+            "#fdae6b"
+        }
         Engine::Qsd(_) => "#ff7f0e",
     }
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// The chart as an SVG document.
 pub fn chart(out: &CompareOutput) -> String {
     let st = all_stats(out);
-    let ws: Vec<_> = plan::workloads().into_iter().filter(|w| out.workloads.iter().any(|x| x == w.id)).collect();
-    let group_w: Vec<f64> = ws.iter().map(|w| w.backends.len() as f64 * BAR + GAP).collect();
+    let ws: Vec<_> = plan::workloads()
+        .into_iter()
+        .filter(|w| out.workloads.iter().any(|x| x == w.id))
+        .collect();
+    let group_w: Vec<f64> = ws
+        .iter()
+        .map(|w| w.backends.len() as f64 * BAR + GAP)
+        .collect();
     let width = (LEFT + group_w.iter().sum::<f64>() + 20.0).max(720.0);
     let height = TOP + PLOT_H + 90.0;
     let base = TOP + PLOT_H;
@@ -46,7 +56,12 @@ pub fn chart(out: &CompareOutput) -> String {
         out.rounds,
         out.seconds
     );
-    let legend = [("blkstack", "#1f77b4"), ("QSD io_uring", "#ff7f0e"), ("QSD threads / native", "#fdae6b"), ("CH vhost_user_block", "#2ca02c")];
+    let legend = [
+        ("blkstack", "#1f77b4"),
+        ("QSD io_uring", "#ff7f0e"),
+        ("QSD threads / native", "#fdae6b"),
+        ("CH vhost_user_block", "#2ca02c"),
+    ];
     let mut lx = LEFT;
     for (name, c) in legend {
         let _ = writeln!(s, "<rect x=\"{lx}\" y=\"30\" width=\"10\" height=\"10\" fill=\"{c}\"/><text x=\"{}\" y=\"39\">{name}</text>", lx + 14.0);
@@ -70,7 +85,11 @@ pub fn chart(out: &CompareOutput) -> String {
                 .filter(|x| x.n > 0)
                 .map(|x| if w.throughput { x.mib_s } else { x.iops })
         };
-        let best = w.backends.iter().filter_map(|b| val(&b.id())).fold(0.0, f64::max);
+        let best = w
+            .backends
+            .iter()
+            .filter_map(|b| val(&b.id()))
+            .fold(0.0, f64::max);
         for (i, b) in w.backends.iter().enumerate() {
             let bx = x + i as f64 * BAR;
             let Some(v) = val(&b.id()) else { continue };
