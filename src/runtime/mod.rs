@@ -62,6 +62,14 @@ impl Runtime {
     /// batched submission, completions; repeated until nothing moves.
     pub fn turn(&self) {
         self.exec.clear_wake();
+        self.run_pending();
+    }
+
+    /// Like [`Runtime::turn`] but leaves the wake fd as it is: for callers
+    /// that run because of some other event (a guest kick, a poll loop) and
+    /// so need not pay a syscall to clear a wake-up that may not be there.
+    /// A pending wake-up stays readable and is handled by the next `turn`.
+    pub fn run_pending(&self) {
         loop {
             let ran = self.exec.run_ready(POLL_BUDGET);
             self.reactor.submit();

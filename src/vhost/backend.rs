@@ -315,7 +315,13 @@ impl Worker {
             popped = self.ctx.pop_and_start(self.rt.as_ref(), g.get_queue_mut(), &self.mem);
         }
         if let Some(rt) = &self.rt {
-            rt.turn();
+            // A kick or a poll pass need not clear the runtime's wake fd (a
+            // syscall); when it is readable, epoll brings its own event.
+            if pop {
+                rt.run_pending();
+            } else {
+                rt.turn();
+            }
         }
         let completed = self.ctx.pending_completions();
         if completed > 0 {
