@@ -432,9 +432,15 @@ fn run_rounds(
 ) -> Result<Vec<RunRecord>, String> {
     let mut records = Vec::with_capacity(total);
     for round in 0..rounds {
-        runner::preread(Path::new(&ctx.image))?;
         for (wi, w) in workloads.iter().enumerate() {
             for (order, b) in plan::rotated(w, wi, round).iter().enumerate() {
+                // Before every run, not once per round: the host may reclaim
+                // page cache that has been cold for a while (DAMON_RECLAIM on
+                // this VM), so a random-read run could otherwise find part
+                // of the image evicted and measure the disk.
+                if w.backing != plan::Backing::Null {
+                    runner::preread(Path::new(&ctx.image))?;
+                }
                 let rec = run_with_retries(ctx, w, b, round, order);
                 progress_line(&rec, records.len() + 1, total, t0);
                 records.push(rec);

@@ -454,7 +454,7 @@ fn method_section(s: &mut String, out: &CompareOutput) {
     );
     let _ = writeln!(
         s,
-        "- Each run gets a fresh backend process on the same image (page cached, pre-read every round; \
+        "- Each run gets a fresh backend process on the same image (page cached, pre-read before every run; \
          the O_DIRECT row opens it with `cache.direct=on` / `direct=true`); backends alternate, the first \
          rotating each round; the image is synced after runs that write. Figures are medians over the rounds; \
          CPU is the backend's utime+stime per wall second; RSS is VmRSS at the end of the measured time."
