@@ -306,37 +306,56 @@ impl Worker {
     }
 
     /// One round; returns how many chains were popped plus completed.
+    ///
+    /// Chains are popped and started [`CHUNK`] at a time, and what finished
+    /// goes to the used ring (with an interrupt) after each chunk: the
+    /// frontend refills the ring with the first completions while this
+    /// thread still works on the rest of a large batch, instead of both
+    /// sides waiting for each other once per batch.
     fn step(&self, pop: bool) -> usize {
         let sync = &self.sync;
-        let mut popped = 0;
-        if pop {
-            sync.busy.store(true, SeqCst);
-            let mut g = self.vring.get_mut();
-            popped = self.ctx.pop_and_start(self.rt.as_ref(), g.get_queue_mut(), &self.mem);
-        }
-        if let Some(rt) = &self.rt {
-            // A kick or a poll pass need not clear the runtime's wake fd (a
-            // syscall); when it is readable, epoll brings its own event.
+        let mut total = 0;
+        loop {
+            let mut popped = 0;
             if pop {
-                rt.run_pending();
-            } else {
-                rt.turn();
+                sync.busy.store(true, SeqCst);
+                let mut g = self.vring.get_mut();
+                popped = self.ctx.pop_and_start(self.rt.as_ref(), g.get_queue_mut(), &self.mem, CHUNK);
             }
-        }
-        let completed = self.ctx.pending_completions();
-        if completed > 0 {
-            let mem = self.mem.memory();
-            let mut g = self.vring.get_mut();
-            if self.ctx.complete(g.get_queue_mut(), &mem) {
-                if let Err(e) = g.signal_used_queue() {
-                    self.ctx.warn(format_args!("cannot signal the guest: {e}"));
+            if let Some(rt) = &self.rt {
+                // A kick or a poll pass need not clear the runtime's wake fd (a
+                // syscall); when it is readable, epoll brings its own event.
+                if pop {
+                    rt.run_pending();
+                } else {
+                    rt.turn();
                 }
+            }
+            let completed = self.ctx.pending_completions();
+            if completed > 0 {
+                let mem = self.mem.memory();
+                let mut g = self.vring.get_mut();
+                if self.ctx.complete(g.get_queue_mut(), &mem) {
+                    if let Err(e) = g.signal_used_queue() {
+                        self.ctx.warn(format_args!("cannot signal the guest: {e}"));
+                    }
+                }
+            }
+            total += popped + completed;
+            if !pop || popped < CHUNK {
+                break;
             }
         }
         sync.publish(self.in_flight());
-        popped + completed
+        total
     }
 }
+
+/// Chains popped, run and completed at a time (see [`Worker::step`]).
+/// Measured on 4k QD32 against libblkio: 16 gave about 1.1x the IOPS of
+/// whole batches for reads and 1.3-1.5x for buffered writes; 4 and 8 were no
+/// better than 16.
+const CHUNK: usize = 16;
 
 impl Drop for Worker {
     fn drop(&mut self) {

@@ -61,7 +61,7 @@ impl QueueCtx {
     /// Pops every available chain and starts it. Without a runtime (`rt` is
     /// `None`: this thread could not set one up) every request fails with
     /// IOERR. Returns the number of chains popped.
-    pub fn pop_and_start(self: &Rc<Self>, rt: Option<&Runtime>, queue: &mut Queue, gm: &GuestMemoryAtomic<GuestMemoryMmap>) -> usize {
+    pub fn pop_and_start(self: &Rc<Self>, rt: Option<&Runtime>, queue: &mut Queue, gm: &GuestMemoryAtomic<GuestMemoryMmap>, limit: usize) -> usize {
         let event_idx = queue.event_idx_enabled();
         let mut popped = 0;
         loop {
@@ -70,7 +70,12 @@ impl QueueCtx {
                     self.warn(format_args!("cannot disable notifications: {e}"));
                 }
             }
-            popped += self.pop_batch(rt, queue, gm);
+            popped += self.pop_batch(rt, queue, gm, limit - popped);
+            if popped >= limit {
+                // More may be waiting: the caller comes back with
+                // notifications still off.
+                break;
+            }
             if !event_idx {
                 break;
             }
@@ -90,7 +95,7 @@ impl QueueCtx {
     /// the guest memory map loaded after it: every region the driver added
     /// (ADD_MEM_REG) before publishing these chains is then in the map, so
     /// no valid request is refused for pointing at memory added a moment ago.
-    fn pop_batch(self: &Rc<Self>, rt: Option<&Runtime>, queue: &mut Queue, gm: &GuestMemoryAtomic<GuestMemoryMmap>) -> usize {
+    fn pop_batch(self: &Rc<Self>, rt: Option<&Runtime>, queue: &mut Queue, gm: &GuestMemoryAtomic<GuestMemoryMmap>, limit: usize) -> usize {
         if !queue.ready() {
             return 0;
         }
@@ -101,7 +106,7 @@ impl QueueCtx {
                 return 0;
             }
         };
-        let pending = usize::from((avail - Wrapping(queue.next_avail())).0);
+        let pending = usize::from((avail - Wrapping(queue.next_avail())).0).min(limit);
         if pending == 0 {
             return 0;
         }
