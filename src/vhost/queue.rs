@@ -1,9 +1,11 @@
 //! The per-queue request pipeline, independent of the vhost-user plumbing
 //! (so the unit tests drive it with virtio-queue's mock queues):
 //!
-//! 1. [`QueueCtx::pop_and_start`] pops every available chain (with
-//!    EVENT_IDX: disable notifications, pop, re-enable, pop again if the
-//!    guest raced us), parses each one and spawns one task per valid
+//! 1. [`QueueCtx::pop_and_start`] pops the available chains, up to a limit
+//!    (with EVENT_IDX: disable notifications, pop, re-enable, pop again if
+//!    the guest raced us; a pop that reaches the limit returns with
+//!    notifications still off, and the worker comes back for the rest after
+//!    completing this chunk), parses each one and spawns one task per valid
 //!    request on the thread's runtime. Refused chains complete at once.
 //! 2. The caller runs the runtime ([`Runtime::turn`]): every task that can
 //!    run does, and their I/O goes to io_uring in one submission.
