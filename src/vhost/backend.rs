@@ -281,23 +281,34 @@ struct Worker {
 
 impl Worker {
     /// Handles one event: pops new requests on a kick, runs the runtime,
-    /// completes; then busy-polls for `poll-us` if configured.
+    /// completes; then busy-polls for `poll-us` if configured. While it
+    /// polls, guest notifications stay off (the guest need not kick a queue
+    /// that is being watched); they go back on before it stops.
     fn serve(&self, kick: bool) {
         let poll = self.poll;
-        let mut activity = self.step(kick);
-        if poll.is_zero() || (activity == 0 && self.in_flight() == 0) {
+        if poll.is_zero() {
+            self.step(kick, true);
             return;
         }
-        let mut deadline = Instant::now() + poll;
+        let activity = self.step(kick, false);
+        // A wake-up that found nothing to do and nothing in flight does not
+        // start a polling period.
+        let mut deadline = if activity == 0 && self.in_flight() == 0 { Instant::now() } else { Instant::now() + poll };
         loop {
-            activity = self.step(true);
-            let now = Instant::now();
-            if activity > 0 {
-                deadline = now + poll;
-            } else if now >= deadline {
-                return;
+            if Instant::now() >= deadline {
+                let more = {
+                    let mut g = self.vring.get_mut();
+                    self.ctx.rearm(g.get_queue_mut(), &self.mem)
+                };
+                if !more {
+                    return;
+                }
+                deadline = Instant::now() + poll;
             }
             std::hint::spin_loop();
+            if self.step(true, false) > 0 {
+                deadline = Instant::now() + poll;
+            }
         }
     }
 
@@ -312,7 +323,7 @@ impl Worker {
     /// frontend refills the ring with the first completions while this
     /// thread still works on the rest of a large batch, instead of both
     /// sides waiting for each other once per batch.
-    fn step(&self, pop: bool) -> usize {
+    fn step(&self, pop: bool, rearm: bool) -> usize {
         let sync = &self.sync;
         let mut total = 0;
         loop {
@@ -320,7 +331,7 @@ impl Worker {
             if pop {
                 sync.busy.store(true, SeqCst);
                 let mut g = self.vring.get_mut();
-                popped = self.ctx.pop_and_start(self.rt.as_ref(), g.get_queue_mut(), &self.mem, CHUNK);
+                popped = self.ctx.pop_and_start(self.rt.as_ref(), g.get_queue_mut(), &self.mem, CHUNK, rearm);
             }
             if let Some(rt) = &self.rt {
                 // A kick or a poll pass need not clear the runtime's wake fd (a

@@ -63,7 +63,11 @@ impl QueueCtx {
     /// Pops every available chain and starts it. Without a runtime (`rt` is
     /// `None`: this thread could not set one up) every request fails with
     /// IOERR. Returns the number of chains popped.
-    pub fn pop_and_start(self: &Rc<Self>, rt: Option<&Runtime>, queue: &mut Queue, gm: &GuestMemoryAtomic<GuestMemoryMmap>, limit: usize) -> usize {
+    ///
+    /// With `rearm` false the pop leaves guest notifications off: a polling
+    /// worker looks at the ring again soon anyway, and must call
+    /// [`Self::rearm`] before it stops polling.
+    pub fn pop_and_start(self: &Rc<Self>, rt: Option<&Runtime>, queue: &mut Queue, gm: &GuestMemoryAtomic<GuestMemoryMmap>, limit: usize, rearm: bool) -> usize {
         let event_idx = queue.event_idx_enabled();
         let mut popped = 0;
         loop {
@@ -73,7 +77,7 @@ impl QueueCtx {
                 }
             }
             popped += self.pop_batch(rt, queue, gm, limit - popped);
-            if popped >= limit {
+            if popped >= limit || !rearm {
                 // More may be waiting: the caller comes back with
                 // notifications still off.
                 break;
@@ -91,6 +95,19 @@ impl QueueCtx {
             }
         }
         popped
+    }
+
+    /// Turns guest notifications back on after polling pops. Returns true
+    /// when chains arrived meanwhile (the caller must pop them: the guest
+    /// will not kick for them).
+    pub fn rearm(&self, queue: &mut Queue, gm: &GuestMemoryAtomic<GuestMemoryMmap>) -> bool {
+        match queue.enable_notification(&*gm.memory()) {
+            Ok(more) => more,
+            Err(e) => {
+                self.warn(format_args!("cannot enable notifications: {e}"));
+                false
+            }
+        }
     }
 
     /// Pops the chains available now. The available index is read first and

@@ -234,7 +234,7 @@ impl Harness {
     /// Pops, runs everything to completion, fills the used ring; returns
     /// the new used entries as (head, len).
     fn run(&mut self) -> Vec<(u32, u32)> {
-        self.ctx.pop_and_start(Some(&self.rt), &mut self.queue, &self.gm, usize::MAX);
+        self.ctx.pop_and_start(Some(&self.rt), &mut self.queue, &self.gm, usize::MAX, true);
         self.rt.drain();
         self.ctx.complete(&mut self.queue, &self.mem);
         self.used()
@@ -551,7 +551,7 @@ fn requests_complete_out_of_order_without_blocking_the_queue() {
     let (s1, s2) = (h.status(), h.status());
     let slow = h.chain(&[(h1, 16, false), (d1, 512, true), (s1, 1, true)]);
     let fast = h.chain(&[(h2, 16, false), (d2, 512, true), (s2, 1, true)]);
-    h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, usize::MAX);
+    h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, usize::MAX, true);
     h.rt.turn();
     h.ctx.complete(&mut h.queue, &h.mem);
     assert_eq!(h.used(), vec![(u32::from(fast), 513)], "the fast request does not wait for the slow one");
@@ -571,7 +571,7 @@ fn a_batch_is_popped_at_once_with_event_idx() {
         let (hd, d, s) = (h.header(T_IN, i), h.alloc(512), h.status());
         heads.push(h.chain(&[(hd, 16, false), (d, 512, true), (s, 1, true)]));
     }
-    assert_eq!(h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, usize::MAX), 8);
+    assert_eq!(h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, usize::MAX, true), 8);
     h.rt.drain();
     // used_event is 0: the first completion needs an interrupt.
     assert!(h.ctx.complete(&mut h.queue, &h.mem));
@@ -589,14 +589,14 @@ fn a_limited_pop_leaves_the_rest_for_the_next_chunk() {
             let (hd, d, s) = (h.header(T_IN, i), h.alloc(512), h.status());
             heads.push(u32::from(h.chain(&[(hd, 16, false), (d, 512, true), (s, 1, true)])));
         }
-        assert_eq!(h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, 4), 4);
+        assert_eq!(h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, 4, true), 4);
         h.rt.drain();
         h.ctx.complete(&mut h.queue, &h.mem);
         assert_eq!(h.used().into_iter().map(|(id, _)| id).collect::<Vec<_>>(), heads[..4]);
-        assert_eq!(h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, 4), 4);
+        assert_eq!(h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, 4, true), 4);
         // Fewer than the limit: the pop ends with notifications back on.
-        assert_eq!(h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, 4), 2);
-        assert_eq!(h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, 4), 0);
+        assert_eq!(h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, 4, true), 2);
+        assert_eq!(h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, 4, true), 0);
         h.rt.drain();
         h.ctx.complete(&mut h.queue, &h.mem);
         let mut used: Vec<u32> = h.used().into_iter().map(|(id, _)| id).collect();
@@ -608,11 +608,35 @@ fn a_limited_pop_leaves_the_rest_for_the_next_chunk() {
 }
 
 #[test]
+fn polling_pops_leave_notifications_off_until_rearmed() {
+    for event_idx in [false, true] {
+        let mut h = Harness::new(true);
+        h.queue.set_event_idx(event_idx);
+        let mut add = |h: &mut Harness, i: u64| {
+            let (hd, d, s) = (h.header(T_IN, i), h.alloc(512), h.status());
+            h.chain(&[(hd, 16, false), (d, 512, true), (s, 1, true)])
+        };
+        add(&mut h, 0);
+        add(&mut h, 1);
+        assert_eq!(h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, usize::MAX, false), 2);
+        // A chain added while the worker polls: rearming reports it, since
+        // the guest may not have kicked for it.
+        add(&mut h, 2);
+        assert!(h.ctx.rearm(&mut h.queue, &h.gm));
+        assert_eq!(h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, usize::MAX, true), 1);
+        assert!(!h.ctx.rearm(&mut h.queue, &h.gm));
+        h.rt.drain();
+        h.ctx.complete(&mut h.queue, &h.mem);
+        assert_eq!(h.used().len(), 3);
+    }
+}
+
+#[test]
 fn without_a_runtime_requests_fail_cleanly() {
     let mut h = Harness::new(true);
     let (hd, d, s) = (h.header(T_IN, 0), h.alloc(512), h.status());
     let head = h.chain(&[(hd, 16, false), (d, 512, true), (s, 1, true)]);
-    h.ctx.pop_and_start(None, &mut h.queue, &h.gm, usize::MAX);
+    h.ctx.pop_and_start(None, &mut h.queue, &h.gm, usize::MAX, true);
     h.ctx.complete(&mut h.queue, &h.mem);
     assert_eq!(h.used(), vec![(u32::from(head), 1)]);
     assert_eq!(h.byte(s), S_IOERR);
@@ -623,7 +647,7 @@ fn after_detach_nothing_reaches_the_used_ring() {
     let mut h = Harness::new(true);
     let (hd, d, s) = (h.header(T_IN, 0), h.alloc(512), h.status());
     h.chain(&[(hd, 16, false), (d, 512, true), (s, 1, true)]);
-    h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, usize::MAX);
+    h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, usize::MAX, true);
     h.ctx.detach();
     h.rt.drain();
     assert!(!h.ctx.complete(&mut h.queue, &h.mem));
