@@ -39,16 +39,33 @@ struct InFlight {
     write: bool,
 }
 
-/// 4 queues × QD 32 of random 512 B – 1 MiB reads and writes, checked against
-/// a model of the disk; in-flight requests never overlap a write in flight, so
-/// the model stays exact. Afterwards the whole disk and the image are checked.
-fn integrity(cache_direct: bool) {
+/// How the integrity run shapes its requests and its export.
+#[derive(Clone, Copy)]
+struct Mix {
+    cache_direct: bool,
+    /// Extra export options (e.g. `,poll-us=50`).
+    export: &'static str,
+    /// Request granularity in sectors and the largest request in units of it:
+    /// 1 × 2048 gives 512 B – 1 MiB anywhere; 8 × 16 gives page-aligned
+    /// 4–64 KiB requests, the ones buffered writes take inline.
+    unit: u64,
+    max_units: usize,
+}
+
+const MIXED: Mix = Mix { cache_direct: false, export: "", unit: 1, max_units: 2048 };
+
+/// 4 queues × QD 32 of random reads and writes, checked against a model of
+/// the disk; in-flight requests never overlap a write in flight, so the model
+/// stays exact. Afterwards the whole disk and the image are checked.
+fn integrity(mix: Mix) {
+    let Mix { cache_direct, .. } = mix;
     let dir = scratch("integrity");
     let size = 64 * MIB;
     let img = image(&dir, "disk.img", size);
     let sock = dir.join("vhost.sock");
     let extra = if cache_direct { ",cache.direct=on" } else { "" };
-    let mut d = serve(&dir, &args(&[file_node(&img, extra)], vhost_export(&sock, "f0", "writable=on,num-queues=4"), vec![]));
+    let export = format!("writable=on,num-queues=4{}", mix.export);
+    let mut d = serve(&dir, &args(&[file_node(&img, extra)], vhost_export(&sock, "f0", &export), vec![]));
     let (queues, depth, slot) = (4usize, 32usize, MIB as usize);
     let mut c = connect(&sock, queues as i32, queues * depth * slot);
     assert_eq!(c.capacity, size);
@@ -62,8 +79,9 @@ fn integrity(cache_direct: bool) {
     while completed < total {
         for q in 0..queues {
             while submitted < total && !free[q].is_empty() {
-                let len = rng.gen_range(1..=2048usize) * 512;
-                let off = rng.gen_range(0..=(size - len as u64) / 512) * 512;
+                let unit = mix.unit * 512;
+                let len = rng.gen_range(1..=mix.max_units) * unit as usize;
+                let off = rng.gen_range(0..=(size - len as u64) / unit) * unit;
                 let write = rng.gen_bool(0.5);
                 let conflict = inflight.iter().flatten().any(|f| (write || f.write) && f.off < off + len as u64 && off < f.off + f.len as u64);
                 if conflict {
@@ -134,12 +152,23 @@ fn integrity(cache_direct: bool) {
 
 #[test]
 fn data_integrity_four_queues_buffered() {
-    integrity(false);
+    integrity(MIXED);
 }
 
 #[test]
 fn data_integrity_four_queues_o_direct() {
-    integrity(true);
+    integrity(Mix { cache_direct: true, ..MIXED });
+}
+
+#[test]
+fn data_integrity_four_queues_page_aligned_buffered_writes() {
+    integrity(Mix { unit: 8, max_units: 16, ..MIXED });
+}
+
+#[test]
+fn data_integrity_four_queues_polling() {
+    integrity(Mix { export: ",poll-us=50", ..MIXED });
+    integrity(Mix { export: ",poll-us=50", unit: 8, max_units: 16, ..MIXED });
 }
 
 #[test]
