@@ -229,7 +229,7 @@ impl FileDriver {
         let total = buf.len();
         let mut done = 0usize;
         let large = total >= ASYNC_THRESHOLD;
-        if !self.direct && self.engine == Aio::IoUring && !large && !(write && fua) {
+        if !(self.direct || self.engine != Aio::IoUring || large || (write && fua)) {
             done = self.try_nowait(write, offset, buf);
         }
         while done < total {

@@ -612,7 +612,7 @@ fn polling_pops_leave_notifications_off_until_rearmed() {
     for event_idx in [false, true] {
         let mut h = Harness::new(true);
         h.queue.set_event_idx(event_idx);
-        let mut add = |h: &mut Harness, i: u64| {
+        let add = |h: &mut Harness, i: u64| {
             let (hd, d, s) = (h.header(T_IN, i), h.alloc(512), h.status());
             h.chain(&[(hd, 16, false), (d, 512, true), (s, 1, true)])
         };
