@@ -117,10 +117,11 @@ const ASYNC_THRESHOLD: usize = 128 << 10;
 /// After this many consecutive refused `RWF_NOWAIT` writes, stop trying.
 const NOWAIT_WRITE_GIVE_UP: u32 = 64;
 
-/// An inline buffered write slower than this pauses inline writes. Real
-/// stalls (dirty throttling, journal commits) measured 20-30 ms here, while
-/// a write preempted on a busy 2-core VM took just over 1 ms: 4 ms keeps the
-/// first kind and ignores the second.
+/// An inline buffered write slower than this pauses inline writes. The
+/// stalls this is for (dirty throttling, journal commits) measured 20-30 ms
+/// here; with a 1 ms threshold, a lone 1.06 ms write (most likely the thread
+/// preempted on a busy 2-core VM) paused inline writes for nothing.
+/// 4 ms keeps the first kind and ignores the second.
 const INLINE_SLOW: Duration = Duration::from_millis(4);
 /// The first pause after a slow inline write, in milliseconds.
 const INLINE_PAUSE_MIN_MS: u64 = 100;
