@@ -696,6 +696,27 @@ mod tests {
     }
 
     #[test]
+    fn inline_writes_take_page_aligned_requests_unless_paused() {
+        let img = image(64 << 10);
+        let opts = FileOptions { filename: img.path().to_string_lossy().into(), aio: Aio::IoUring, locking: Locking::Off };
+        let (d, _) = FileDriver::open(&opts, OpenFlags::default()).unwrap();
+        let mut w = vec![0x5au8; 8192];
+        let mut wv = IoVecs::new();
+        // SAFETY: `w` outlives every call below.
+        unsafe { wv.push_raw(w.as_mut_ptr(), w.len()) };
+        assert_eq!(d.try_inline_write(4096, &wv), 8192);
+        let data = std::fs::read(img.path()).unwrap();
+        assert!(data[..4096].iter().all(|&b| b == 0) && data[4096..12288].iter().all(|&b| b == 0x5a));
+        // Not page-aligned: left to the ring.
+        assert_eq!(d.try_inline_write(512, &wv), 0);
+        let odd = wv.slice(0, 4000);
+        assert_eq!(d.try_inline_write(0, &odd), 0);
+        // Paused after a stall: left to the ring.
+        d.inline.slow(Duration::from_millis(10));
+        assert_eq!(d.try_inline_write(4096, &wv), 0);
+    }
+
+    #[test]
     fn many_small_buffered_writes_land_in_order() {
         // Enough writes to get past the RWF_NOWAIT refusals on ext4 and
         // into the inline path, with overlapping rewrites of the same blocks.

@@ -363,9 +363,9 @@ impl Worker {
 }
 
 /// Chains popped, run and completed at a time (see [`Worker::step`]).
-/// Measured on 4k QD32 against libblkio: 16 gave about 1.1x the IOPS of
-/// whole batches for reads and 1.3-1.5x for buffered writes; 4 and 8 were no
-/// better than 16.
+/// Measured on 4k QD32 against libblkio: 16 gave about 1.05-1.1x the IOPS
+/// of whole batches for reads and 1.2-1.5x for buffered writes; for reads,
+/// 4 and 8 were no better than 16.
 const CHUNK: usize = 16;
 
 impl Drop for Worker {

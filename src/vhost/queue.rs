@@ -71,7 +71,9 @@ impl QueueCtx {
         let event_idx = queue.event_idx_enabled();
         let mut popped = 0;
         loop {
-            if event_idx {
+            // Without EVENT_IDX this sets NO_NOTIFY, which only a polling
+            // pop wants (a normal pop would have to clear it again at once).
+            if event_idx || !rearm {
                 if let Err(e) = queue.disable_notification(&*gm.memory()) {
                     self.warn(format_args!("cannot disable notifications: {e}"));
                 }

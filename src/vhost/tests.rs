@@ -612,6 +612,13 @@ fn polling_pops_leave_notifications_off_until_rearmed() {
     for event_idx in [false, true] {
         let mut h = Harness::new(true);
         h.queue.set_event_idx(event_idx);
+        let used = h.queue.used_ring();
+        // What the guest reads to decide whether to kick: the used ring's
+        // flags without EVENT_IDX, avail_event (after the used ring) with it.
+        let kick_state = |h: &Harness| -> u16 {
+            let at = if event_idx { used + 4 + 8 * u64::from(QSIZE) } else { used };
+            h.mem.read_obj(GuestAddress(at)).expect("notification state")
+        };
         let add = |h: &mut Harness, i: u64| {
             let (hd, d, s) = (h.header(T_IN, i), h.alloc(512), h.status());
             h.chain(&[(hd, 16, false), (d, 512, true), (s, 1, true)])
@@ -619,11 +626,16 @@ fn polling_pops_leave_notifications_off_until_rearmed() {
         add(&mut h, 0);
         add(&mut h, 1);
         assert_eq!(h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, usize::MAX, false), 2);
+        // Still off: NO_NOTIFY set, or avail_event not moved past the chains.
+        assert_eq!(kick_state(&h), if event_idx { 0 } else { 1 }, "notifications were turned back on while polling");
         // A chain added while the worker polls: rearming reports it, since
         // the guest may not have kicked for it.
         add(&mut h, 2);
         assert!(h.ctx.rearm(&mut h.queue, &h.gm));
+        assert_eq!(kick_state(&h), if event_idx { 2 } else { 0 });
         assert_eq!(h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, usize::MAX, true), 1);
+        // A normal pop ends with notifications on.
+        assert_eq!(kick_state(&h), if event_idx { 3 } else { 0 });
         assert!(!h.ctx.rearm(&mut h.queue, &h.gm));
         h.rt.drain();
         h.ctx.complete(&mut h.queue, &h.mem);
