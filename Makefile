@@ -39,14 +39,14 @@ deps:
 # the bench smoke run), the QMP tests with qemu.qmp, and the guest tests
 # against qemu-storage-daemon (cross-check) and blkstack.
 test: deps build
-	$(CARGO) test --release --locked
+	$(CARGO) test --profile test-release --locked
 	bash tests/qmp/run.sh
 	bash tests/e2e/setup.sh
 	bash tests/e2e/run.sh --backend qsd
 	bash tests/e2e/run.sh --backend blkstack --blkstack $(BIN)
 
 test-unit: build
-	$(CARGO) test --release --locked
+	$(CARGO) test --profile test-release --locked
 
 test-qmp: build
 	bash tests/qmp/run.sh

@@ -116,6 +116,22 @@ fn help_documents_the_options() {
     }
 }
 
+/// `blkstack bench` runs the `blkstack-bench` program built beside it, with
+/// its arguments, and its own help reaches the user.
+#[test]
+fn bench_subcommand_runs_the_bench_program() {
+    let out = Command::new(env!("CARGO_BIN_EXE_blkstack")).args(["bench", "--help"]).output().expect("run");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for opt in ["Usage: blkstack bench", "--socket", "--iodepth", "--server-pid", "compare"] {
+        assert!(text.contains(opt), "bench --help lacks {opt}: {text}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_blkstack")).args(["bench", "--rw", "sideways"]).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sideways"), "{err}");
+}
+
 #[test]
 fn sigterm_drains_flushes_and_exits_zero() {
     let dir = scratch("cli-term");

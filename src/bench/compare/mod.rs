@@ -80,7 +80,7 @@ pub struct CompareArgs {
     /// ../shared/peers/vhost_user_block).
     #[arg(long)]
     pub ch: Option<PathBuf>,
-    /// The blkstack binary to serve with (default: this one).
+    /// The blkstack binary to serve with (default: `blkstack` beside this program).
     #[arg(long)]
     pub blkstack: Option<PathBuf>,
     /// `poll-us` for blkstack in the polling rows.
@@ -227,7 +227,10 @@ fn first_line(program: &Path, args: &[&str]) -> Option<String> {
 
 fn find_tools(args: &CompareArgs, notes: &mut Vec<String>) -> Result<Tools, String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    let blkstack_bin = args.blkstack.clone().unwrap_or_else(|| exe.clone());
+    let blkstack_bin = args
+        .blkstack
+        .clone()
+        .unwrap_or_else(|| exe.with_file_name("blkstack"));
     let blkstack = match first_line(&blkstack_bin, &["serve", "--help"]) {
         Some(_) => Some(blkstack_bin),
         None => {

@@ -175,7 +175,7 @@ fn wait_for(child: &mut Child, limit: Duration) -> bool {
     }
 }
 
-/// Runs the client (`exe bench <args> --json <json>`) with a time limit and
+/// Runs the client (`exe <args> --json <json>`, `exe` being `blkstack-bench`) with a time limit and
 /// returns its parsed result. `started` is called once the client runs; a
 /// process it returns (a profiler) is waited for after the client.
 pub fn run_client(
@@ -192,7 +192,6 @@ pub fn run_client(
         .try_clone()
         .map_err(|e| format!("{}: {e}", log.display()))?;
     let mut child = Command::new(exe)
-        .arg("bench")
         .args(args)
         .arg("--json")
         .arg(json)
