@@ -90,6 +90,7 @@ mod notify;
 mod queue;
 mod ratelimit;
 pub mod request;
+mod ring;
 
 #[cfg(test)]
 mod frontend_tests;

@@ -38,6 +38,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::device::Device;
 use super::request::{self, parse, Desc, Parsed, Reason, Request, S_IOERR};
+use super::ring::Rings;
 use crate::runtime::Runtime;
 
 /// Per-queue state living on the queue's thread.
@@ -120,6 +121,41 @@ impl QueueCtx {
         if !queue.ready() {
             return 0;
         }
+        let ring_mem = gm.memory().into_inner();
+        let Some(rings) = Rings::new(queue, &ring_mem) else {
+            return self.pop_batch_slow(rt, queue, gm, limit);
+        };
+        let avail = rings.avail_idx();
+        let next = Wrapping(queue.next_avail());
+        let pending = (Wrapping(avail) - next).0;
+        if pending > queue.size() {
+            // A corrupt available index: nothing can be popped safely.
+            self.warn(format_args!("cannot read the available ring: index {avail} is {pending} entries past {}", next.0));
+            return 0;
+        }
+        let pending = usize::from(pending).min(limit);
+        if pending == 0 {
+            return 0;
+        }
+        // Loaded after the index: see above.
+        let mem = gm.memory().into_inner();
+        let g = self.dev.geometry();
+        let mut scratch = self.scratch.borrow_mut();
+        let mut idx = next;
+        for _ in 0..pending {
+            let head = rings.avail_head(idx.0);
+            idx += Wrapping(1);
+            rings.walk(&mem, head, &mut scratch);
+            let parsed = request::parse_descs(head, &scratch, &mem, &g);
+            self.start(rt, parsed, &mem);
+        }
+        queue.set_next_avail(idx.0);
+        pending
+    }
+
+    /// [`Self::pop_batch`] through virtio-queue's iterators, for rings
+    /// [`Rings`] cannot map directly.
+    fn pop_batch_slow(self: &Rc<Self>, rt: Option<&Runtime>, queue: &mut Queue, gm: &GuestMemoryAtomic<GuestMemoryMmap>, limit: usize) -> usize {
         let avail = match queue.avail_idx(&*gm.memory(), Ordering::Acquire) {
             Ok(idx) => idx,
             Err(e) => {
@@ -206,13 +242,29 @@ impl QueueCtx {
             done.clear();
             return false;
         }
-        for &(head, len) in done.iter() {
-            if let Err(e) = queue.add_used(mem, head, len) {
-                self.warn(format_args!("cannot return chain {head} to the used ring: {e}"));
+        let Some(rings) = Rings::new(queue, mem) else {
+            for &(head, len) in done.iter() {
+                if let Err(e) = queue.add_used(mem, head, len) {
+                    self.warn(format_args!("cannot return chain {head} to the used ring: {e}"));
+                }
             }
+            done.clear();
+            return queue.needs_notification(mem).unwrap_or(true);
+        };
+        let old = queue.next_used();
+        let mut idx = Wrapping(old);
+        for &(head, len) in done.iter() {
+            if head >= queue.size() {
+                self.warn(format_args!("cannot return chain {head} to the used ring: index out of range"));
+                continue;
+            }
+            rings.put_used(idx.0, head, len);
+            idx += Wrapping(1);
         }
         done.clear();
-        queue.needs_notification(mem).unwrap_or(true)
+        queue.set_next_used(idx.0);
+        rings.publish_used(idx.0);
+        rings.needs_interrupt(old, idx.0)
     }
 
     /// Logs a rate-limited warning about this queue.

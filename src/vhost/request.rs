@@ -57,6 +57,19 @@ pub struct Desc {
     write: bool,
 }
 
+impl Desc {
+    /// A descriptor as read from the ring.
+    pub(super) fn new(addr: u64, len: u32, write: bool) -> Desc {
+        Desc { addr, len, write }
+    }
+
+    /// (addr, len, device-writable), for tests.
+    #[cfg(test)]
+    pub(super) fn parts(&self) -> (u64, u32, bool) {
+        (self.addr, self.len, self.write)
+    }
+}
+
 /// The operation of a parsed request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -211,11 +224,16 @@ where
     let head = chain.head_index();
     scratch.clear();
     scratch.extend(chain.map(|d| Desc { addr: d.addr().0, len: d.len(), write: d.is_write_only() }));
-    let status = match status_addr(scratch, mem) {
+    parse_descs(head, scratch, mem, g)
+}
+
+/// Parses the descriptors of the chain at `head`, as collected from the ring.
+pub fn parse_descs(head: u16, descs: &[Desc], mem: &Arc<GuestMemoryMmap>, g: &Geometry) -> Parsed {
+    let status = match status_addr(descs, mem) {
         Ok(s) => s,
         Err(why) => return Parsed::Drop { head, why },
     };
-    match parse_body(scratch, mem, g) {
+    match parse_body(descs, mem, g) {
         Ok((op, offset, len, data, used_len)) => Parsed::Ok(Request { op, offset, len, data, head, status, used_len, mem: mem.clone() }),
         Err(Refuse(code, why)) => Parsed::Fail { head, status, code, why },
     }
@@ -389,7 +407,7 @@ fn for_range(descs: &[Desc], mut skip: u64, mut len: u64, mut f: impl FnMut(u64,
 /// iterator (vm-memory's `get_slices` / `read_slice` cost several percent of
 /// a 4k request). `None` sends the caller to the general path.
 #[inline]
-fn host_range(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Option<*mut u8> {
+pub(super) fn host_range(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Option<*mut u8> {
     let region = mem.find_region(GuestAddress(addr))?;
     let off = addr.checked_sub(region.start_addr().0)?;
     if off.checked_add(len as u64)? > region.len() {
