@@ -418,6 +418,7 @@ fn prepare_paths(args: &CompareArgs) -> Result<(PathBuf, PathBuf, PathBuf, Strin
         socket = std::env::temp_dir().join(format!("blkstack-bench-{}.sock", std::process::id()));
     }
     runner::prepare_image(&args.image, args.image_size)?;
+    runner::reset_page_cache(&args.image)?;
     let image = fs::canonicalize(&args.image)
         .map_err(|e| format!("{}: {e}", args.image.display()))?
         .to_string_lossy()

@@ -454,8 +454,9 @@ fn method_section(s: &mut String, out: &CompareOutput) {
     );
     let _ = writeln!(
         s,
-        "- Each run gets a fresh backend process on the same image (page cached, pre-read before every run; \
-         the O_DIRECT row opens it with `cache.direct=on` / `direct=true`); backends alternate, the first \
+        "- Each run gets a fresh backend process on the same image (page cached in 4 KiB folios: dropped and \
+         read back with readahead off at the start, pre-read the same way before every run, since the folio \
+         size decides what ext4 spends on a 4 KiB buffered write; the O_DIRECT row opens it with `cache.direct=on` / `direct=true`); backends alternate, the first \
          rotating each round; the image is synced after runs that write. Figures are medians over the rounds; \
          CPU is the backend's utime+stime per wall second; RSS is VmRSS at the end of the measured time."
     );
