@@ -99,8 +99,10 @@ impl Stats {
         let c = self.kind(k);
         c.bytes.fetch_add(bytes, Relaxed);
         c.ops.fetch_add(1, Relaxed);
-        c.time_ns.fetch_add(start.elapsed().as_nanos() as u64, Relaxed);
-        self.last_io_ns.store(self.now_ns(), Relaxed);
+        // One clock read for both figures (a third of the clock reads per request).
+        let now = Instant::now();
+        c.time_ns.fetch_add(now.saturating_duration_since(start).as_nanos() as u64, Relaxed);
+        self.last_io_ns.store(now.saturating_duration_since(self.epoch).as_nanos() as u64, Relaxed);
     }
 
     /// Records a failed operation.
