@@ -66,12 +66,9 @@ pub fn preread(path: &Path) -> Result<(), String> {
 /// run gives 120-170k. Holding the cache in one known state makes the write
 /// rows measure the backends, and the same for every run.
 pub fn reset_page_cache(path: &Path) -> Result<(), String> {
-    let f = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    f.sync_data()
-        .map_err(|e| format!("{}: sync: {e}", path.display()))?;
+    // Dirty pages cannot be dropped: write them back first.
+    sync_image(path)?;
+    let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     fadvise(&f, libc::POSIX_FADV_DONTNEED, path)?;
     preread(path)
 }
@@ -266,4 +263,40 @@ fn tail(log: &Path) -> String {
     let text = fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("bench: ")).collect();
     lines[lines.len().saturating_sub(3)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pages of `path` in the page cache (mincore over a mapping of it).
+    fn resident_pages(path: &Path) -> (usize, usize) {
+        let f = File::open(path).expect("open");
+        let len = f.metadata().expect("stat").len() as usize;
+        // SAFETY: a fresh read-only shared mapping of a file we opened, unmapped below.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0) };
+        assert_ne!(p, libc::MAP_FAILED);
+        let pages = len.div_ceil(4096);
+        let mut v = vec![0u8; pages];
+        // SAFETY: `v` has one byte per page of the mapping.
+        assert_eq!(unsafe { libc::mincore(p, len, v.as_mut_ptr()) }, 0);
+        // SAFETY: unmaps the mapping made above.
+        unsafe { libc::munmap(p, len) };
+        (v.iter().filter(|&&b| b & 1 != 0).count(), pages)
+    }
+
+    /// Dirty data survives the drop (it is written back first), and the
+    /// whole image is cached again afterwards.
+    #[test]
+    fn reset_page_cache_keeps_data_and_leaves_the_image_cached() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("img");
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        fs::write(&img, &data).expect("write");
+        reset_page_cache(&img).expect("reset");
+        assert_eq!(fs::read(&img).expect("read"), data);
+        let (cached, pages) = resident_pages(&img);
+        assert_eq!(cached, pages, "image not fully cached after reset");
+        assert!(reset_page_cache(&dir.path().join("missing")).is_err());
+    }
 }
