@@ -125,6 +125,25 @@ pub trait BlockDriver: Send + Sync {
     /// Writes `buf` at `offset`; with `fua`, durable on return (only if `caps().fua`).
     fn write<'a>(&'a self, offset: u64, buf: &'a IoVecs, fua: bool) -> IoFuture<'a, ()>;
 
+    /// Serves a read on the calling thread, at once, where that involves no
+    /// waiting (a page-cache hit, a null device); `None` sends the request
+    /// the asynchronous way ([`Self::read`]), which must then do it whole
+    /// (part of it may have been done here: reading it again is harmless).
+    /// This is the fast path that spares a request its task and its boxed
+    /// futures. A driver that may wait — throttling, breakpoints, the
+    /// network, a metadata lookup that is not cached — keeps the default.
+    /// Same contract as `read` otherwise.
+    fn read_now(&self, _offset: u64, _buf: &IoVecs) -> Option<BlockResult<()>> {
+        None
+    }
+
+    /// [`Self::read_now`] for a write without FUA. `None` may follow a
+    /// partial write; [`Self::write`] then writes the whole buffer again
+    /// (the same bytes to the same place).
+    fn write_now(&self, _offset: u64, _buf: &IoVecs) -> Option<BlockResult<()>> {
+        None
+    }
+
     /// Makes completed writes durable.
     fn flush(&self) -> IoFuture<'_, ()>;
 

@@ -216,6 +216,54 @@ impl BlockNode {
             .ok_or_else(|| BlockError::new(ErrorKind::NoSpace, format!("cannot allocate a {len}-byte bounce buffer")))
     }
 
+    /// Whether a request of `len` bytes at `offset` in `buf` reaches the
+    /// driver as it is: in range, aligned, within `max_transfer` and
+    /// `max_iov` (no bounce, no split, no read-modify-write).
+    fn passes_through(&self, offset: u64, len: u64, buf: &IoVecs) -> bool {
+        len != 0
+            && len <= self.limits.max_transfer
+            && buf.segments() <= self.limits.max_iov
+            && self.is_aligned_range(offset, len)
+            && buf.is_aligned(self.limits.mem_alignment as usize)
+            && offset.checked_add(len).is_some_and(|end| end <= self.length())
+    }
+
+    /// [`Self::read`] done at once on this thread when the driver can
+    /// ([`BlockDriver::read_now`]: a page-cache hit); `None` when the
+    /// request must go through [`Self::read`]. Every check, error and
+    /// statistic is `read`'s: requests that are out of range, unaligned or
+    /// need splitting always return `None` and get them there.
+    pub fn read_now(&self, offset: u64, buf: &IoVecs) -> Option<BlockResult<()>> {
+        let len = buf.len() as u64;
+        if !self.passes_through(offset, len, buf) {
+            return None;
+        }
+        let start = Instant::now();
+        let r = self.driver.read_now(offset, buf)?;
+        self.account(IoKind::Read, len, start, &r);
+        Some(r)
+    }
+
+    /// [`Self::write`] done at once on this thread when the driver can
+    /// ([`BlockDriver::write_now`]); `None` when the request must go through
+    /// [`Self::write`]: FUA, `detect-zeroes`, a read-only node, anything
+    /// [`Self::read_now`] leaves alone, and any write while a serialising
+    /// (read-modify-write) write is in flight on the node.
+    pub fn write_now(&self, offset: u64, buf: &IoVecs, flags: WriteFlags) -> Option<BlockResult<()>> {
+        let len = buf.len() as u64;
+        if flags.fua || self.opts.read_only || self.opts.detect_zeroes != DetectZeroes::Off || !self.passes_through(offset, len, buf) {
+            return None;
+        }
+        let _guard = self.tracker.try_begin_fast()?;
+        let start = Instant::now();
+        let r = self.driver.write_now(offset, buf)?;
+        if r.is_ok() {
+            self.stats.wrote_up_to(offset + len);
+        }
+        self.account(IoKind::Write, len, start, &r);
+        Some(r)
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     pub async fn read(&self, offset: u64, buf: &IoVecs) -> BlockResult<()> {
         let start = Instant::now();

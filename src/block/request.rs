@@ -60,13 +60,8 @@ impl Tracker {
         if serialising {
             self.serialising.fetch_add(1, SeqCst);
             self.wait_fast_drained().await;
-        } else {
-            self.fast.fetch_add(1, SeqCst);
-            if self.serialising.load(SeqCst) == 0 {
-                return WriteGuard { tracker: self, tracked: None, serialising: false };
-            }
-            self.fast.fetch_sub(1, SeqCst);
-            self.changed.notify(usize::MAX);
+        } else if let Some(g) = self.try_begin_fast() {
+            return g;
         }
         let id = self.next_id.fetch_add(1, SeqCst);
         let entry = Entry { id, start, end, serialising };
@@ -80,6 +75,19 @@ impl Tracker {
             }
             listener.await;
         }
+    }
+
+    /// The fast path of [`Self::begin`] for a non-serialising write, which
+    /// never waits: `None` while a serialising write exists (the write must
+    /// then go through `begin`).
+    pub fn try_begin_fast(&self) -> Option<WriteGuard<'_>> {
+        self.fast.fetch_add(1, SeqCst);
+        if self.serialising.load(SeqCst) == 0 {
+            return Some(WriteGuard { tracker: self, tracked: None, serialising: false });
+        }
+        self.fast.fetch_sub(1, SeqCst);
+        self.changed.notify(usize::MAX);
+        None
     }
 
     async fn wait_fast_drained(&self) {

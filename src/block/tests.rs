@@ -44,6 +44,8 @@ struct MemDriver {
     caps: Caps,
     calls: Arc<Calls>,
     fail_writes: bool,
+    /// Serves `read_now`/`write_now` (otherwise the default "not now").
+    now: bool,
 }
 
 impl MemDriver {
@@ -93,6 +95,29 @@ impl BlockDriver for MemDriver {
             Ok(())
         })
     }
+    fn read_now(&self, offset: u64, buf: &IoVecs) -> Option<BlockResult<()>> {
+        if !self.now {
+            return None;
+        }
+        self.check(offset, buf);
+        self.calls.reads.fetch_add(1, Ordering::SeqCst);
+        let d = self.data.lock().unwrap();
+        buf.copy_from(0, &d[offset as usize..offset as usize + buf.len()]);
+        Some(Ok(()))
+    }
+    fn write_now(&self, offset: u64, buf: &IoVecs) -> Option<BlockResult<()>> {
+        if !self.now {
+            return None;
+        }
+        self.check(offset, buf);
+        self.calls.writes.fetch_add(1, Ordering::SeqCst);
+        if self.fail_writes {
+            return Some(Err(BlockError::new(ErrorKind::Io, "injected")));
+        }
+        let mut d = self.data.lock().unwrap();
+        buf.copy_to(0, &mut d[offset as usize..offset as usize + buf.len()]);
+        Some(Ok(()))
+    }
     fn flush(&self) -> IoFuture<'_, ()> {
         self.calls.flushes.fetch_add(1, Ordering::SeqCst);
         boxed(async { Ok(()) })
@@ -109,7 +134,7 @@ impl BlockDriver for MemDriver {
 
 fn mem_node(len: usize, limits: Limits, caps: Caps, opts: NodeOptions) -> (Arc<BlockNode>, Arc<Calls>) {
     let calls = Arc::new(Calls::default());
-    let d = MemDriver { data: Mutex::new(vec![0; len]), limits, caps, calls: calls.clone(), fail_writes: false };
+    let d = MemDriver { data: Mutex::new(vec![0; len]), limits, caps, calls: calls.clone(), fail_writes: false, now: false };
     (BlockNode::new("m".into(), false, Box::new(d), opts), calls)
 }
 
@@ -246,10 +271,103 @@ fn bounds_read_only_and_stats() {
     assert_eq!(ro.stats().invalid_wr_operations, 2);
 }
 
+fn now_node(len: usize, limits: Limits, opts: NodeOptions, fail_writes: bool) -> (Arc<BlockNode>, Arc<Calls>) {
+    let calls = Arc::new(Calls::default());
+    let d = MemDriver { data: Mutex::new(vec![0; len]), limits, caps: Caps::default(), calls: calls.clone(), fail_writes, now: true };
+    (BlockNode::new("now".into(), false, Box::new(d), opts), calls)
+}
+
+#[test]
+fn requests_served_now_keep_data_and_statistics() {
+    let (node, calls) = now_node(1 << 20, aligned(1, 1 << 20, 1024), NodeOptions::default(), false);
+    let w = Buf::new(8192, 0x5a, 3000);
+    assert!(matches!(node.write_now(4096, &w.iov, WriteFlags::default()), Some(Ok(()))));
+    let r = Buf::new(8192, 0, 8192);
+    assert!(matches!(node.read_now(4096, &r.iov), Some(Ok(()))));
+    assert!(r.bytes().iter().all(|&b| b == 0x5a));
+    assert_eq!((calls.reads.load(Ordering::SeqCst), calls.writes.load(Ordering::SeqCst)), (1, 1));
+    let s = node.stats();
+    assert_eq!((s.rd_operations, s.wr_operations, s.rd_bytes, s.wr_bytes), (1, 1, 8192, 8192));
+    assert_eq!(s.wr_highest_offset, 4096 + 8192);
+
+    // A failure served now is the request's result, counted as failed.
+    let (bad, _) = now_node(1 << 20, aligned(1, 1 << 20, 1024), NodeOptions::default(), true);
+    assert_eq!(bad.write_now(0, &w.iov, WriteFlags::default()).unwrap().unwrap_err().kind(), ErrorKind::Io);
+    let s = bad.stats();
+    assert_eq!((s.failed_wr_operations, s.wr_operations, s.wr_highest_offset), (1, 0, 0));
+}
+
+#[test]
+fn requests_that_need_the_generic_layer_are_not_served_now() {
+    let (node, calls) = now_node(1 << 20, aligned(512, 64 << 10, 4), NodeOptions::default(), false);
+    let aligned_buf = |len: usize, segs: usize| {
+        let mut b = AlignedBuf::new(len, 4096).unwrap();
+        let base = b.as_mut_slice().as_mut_ptr();
+        let mut v = IoVecs::new();
+        let seg = len / segs;
+        for i in 0..segs {
+            // SAFETY: inside `b`, which the caller keeps alive with `v`.
+            unsafe { v.push_raw(base.add(i * seg), seg) };
+        }
+        (b, v)
+    };
+    let (_b, ok) = aligned_buf(4096, 1);
+    let fua = WriteFlags { fua: true };
+    // Out of range, past the end and overflowing: the async path reports it.
+    assert!(node.read_now(1 << 20, &ok).is_none());
+    assert!(node.write_now(u64::MAX - 100, &ok, WriteFlags::default()).is_none());
+    // Unaligned offset, unaligned memory, too large, too many segments.
+    assert!(node.read_now(100, &ok).is_none());
+    let odd = Buf::new(4096, 1, 4096);
+    assert!(node.write_now(0, &odd.iov, WriteFlags::default()).is_none());
+    let (_big, big) = aligned_buf(128 << 10, 1);
+    assert!(node.read_now(0, &big).is_none());
+    let (_many, many) = aligned_buf(4096, 8);
+    assert!(node.write_now(0, &many, WriteFlags::default()).is_none());
+    // Empty requests and FUA writes.
+    assert!(node.read_now(0, &IoVecs::new()).is_none());
+    assert!(node.write_now(0, &ok, fua).is_none());
+    assert_eq!((calls.reads.load(Ordering::SeqCst), calls.writes.load(Ordering::SeqCst)), (0, 0));
+    let s = node.stats();
+    assert_eq!((s.rd_operations, s.wr_operations, s.invalid_rd_operations, s.invalid_wr_operations), (0, 0, 0, 0));
+    // The aligned request itself is served now.
+    assert!(node.read_now(0, &ok).is_some());
+
+    // Read-only nodes and detect-zeroes leave writes to the async path.
+    let (ro, _) = now_node(1 << 20, aligned(512, 64 << 10, 4), NodeOptions { read_only: true, ..Default::default() }, false);
+    assert!(ro.write_now(0, &ok, WriteFlags::default()).is_none());
+    assert!(ro.read_now(0, &ok).is_some());
+    let (dz, _) = now_node(1 << 20, aligned(512, 64 << 10, 4), NodeOptions { detect_zeroes: DetectZeroes::On, ..Default::default() }, false);
+    assert!(dz.write_now(0, &ok, WriteFlags::default()).is_none());
+}
+
+#[test]
+fn no_write_is_served_now_while_a_read_modify_write_is_in_flight() {
+    // The driver's async read yields once, so the unaligned write below
+    // stops inside its read-modify-write holding the serialising guard.
+    let calls = Arc::new(Calls::default());
+    let d = MemDriver { data: Mutex::new(vec![0; 1 << 20]), limits: aligned(512, 1 << 20, 1024), caps: Caps::default(), calls, fail_writes: false, now: true };
+    let node = BlockNode::new("rmw".into(), false, Box::new(d), NodeOptions::default());
+    let n = node.clone();
+    run(async move {
+        let odd = Buf::new(100, 7, 100);
+        let mut ok = AlignedBuf::new(4096, 4096).unwrap();
+        let v = ok.iovecs();
+        let mut rmw = std::pin::pin!(n.write(8200, &odd.iov, WriteFlags::default()));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(rmw.as_mut().poll(&mut cx).is_pending());
+        assert!(n.write_now(1 << 19, &v, WriteFlags::default()).is_none());
+        // Reads do not serialise.
+        assert!(n.read_now(1 << 19, &v).is_some());
+        rmw.await.unwrap();
+        assert!(n.write_now(1 << 19, &v, WriteFlags::default()).is_some());
+    });
+}
+
 #[test]
 fn failed_writes_are_counted() {
     let calls = Arc::new(Calls::default());
-    let d = MemDriver { data: Mutex::new(vec![0; 1 << 20]), limits: aligned(1, 1 << 20, 1024), caps: Caps::default(), calls, fail_writes: true };
+    let d = MemDriver { data: Mutex::new(vec![0; 1 << 20]), limits: aligned(1, 1 << 20, 1024), caps: Caps::default(), calls, fail_writes: true, now: false };
     let node = BlockNode::new("f".into(), false, Box::new(d), NodeOptions::default());
     let n = node.clone();
     run(async move {

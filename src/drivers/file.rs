@@ -265,7 +265,7 @@ impl FileDriver {
         let total = buf.len();
         let mut done = 0usize;
         let large = total >= ASYNC_THRESHOLD;
-        if !(self.direct || self.engine != Aio::IoUring || large || (write && fua)) {
+        if !(write && fua) && self.may_try_now(buf) {
             done = self.try_nowait(write, offset, buf);
         }
         while done < total {
@@ -286,6 +286,13 @@ impl FileDriver {
             }
         }
         Ok(())
+    }
+
+    /// Whether a request on `buf` may first try the page cache
+    /// synchronously ([`Self::try_nowait`]): buffered, on the io_uring
+    /// engine, smaller than [`ASYNC_THRESHOLD`].
+    fn may_try_now(&self, buf: &IoVecs) -> bool {
+        !self.direct && self.engine == Aio::IoUring && buf.len() < ASYNC_THRESHOLD
     }
 
     /// Tries a page-cache read or write without blocking; returns how much
@@ -578,6 +585,20 @@ impl BlockDriver for FileDriver {
             return boxed(async { Err(BlockError::new(ErrorKind::ReadOnly, "the file is open read-only")) });
         }
         boxed(self.rw(true, offset, buf, fua))
+    }
+
+    fn read_now(&self, offset: u64, buf: &IoVecs) -> Option<BlockResult<()>> {
+        if !self.may_try_now(buf) {
+            return None;
+        }
+        (self.try_nowait(false, offset, buf) == buf.len()).then_some(Ok(()))
+    }
+
+    fn write_now(&self, offset: u64, buf: &IoVecs) -> Option<BlockResult<()>> {
+        if self.read_only || !self.may_try_now(buf) {
+            return None;
+        }
+        (self.try_nowait(true, offset, buf) == buf.len()).then_some(Ok(()))
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {

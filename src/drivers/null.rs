@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::block::{boxed, BlockDriver, BlockStatus, Caps, IoFuture, IoVecs};
+use crate::block::{boxed, BlockDriver, BlockResult, BlockStatus, Caps, IoFuture, IoVecs};
 use crate::config::types::{Flag, Num, Size};
 
 /// Options of `null-co` / `null-aio`.
@@ -80,6 +80,20 @@ impl BlockDriver for NullDriver {
             self.delay().await;
             Ok(())
         })
+    }
+
+    fn read_now(&self, _offset: u64, buf: &IoVecs) -> Option<BlockResult<()>> {
+        if self.latency.is_some() {
+            return None;
+        }
+        if self.read_zeroes {
+            buf.zero();
+        }
+        Some(Ok(()))
+    }
+
+    fn write_now(&self, _offset: u64, _buf: &IoVecs) -> Option<BlockResult<()>> {
+        self.latency.is_none().then_some(Ok(()))
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::block::{boxed, BlockDriver, BlockError, BlockNode, BlockStatus, Caps, ChildRole, ErrorKind, IoFuture, IoVecs, WriteFlags};
+use crate::block::{boxed, BlockDriver, BlockError, BlockNode, BlockResult, BlockStatus, Caps, ChildRole, ErrorKind, IoFuture, IoVecs, WriteFlags};
 use crate::config::types::Size;
 
 /// Options of `raw` (besides its `file` child, which the graph builder resolves).
@@ -71,6 +71,14 @@ impl BlockDriver for RawDriver {
 
     fn write<'a>(&'a self, offset: u64, buf: &'a IoVecs, fua: bool) -> IoFuture<'a, ()> {
         boxed(self.file.write(self.offset + offset, buf, WriteFlags { fua }))
+    }
+
+    fn read_now(&self, offset: u64, buf: &IoVecs) -> Option<BlockResult<()>> {
+        self.file.read_now(self.offset + offset, buf)
+    }
+
+    fn write_now(&self, offset: u64, buf: &IoVecs) -> Option<BlockResult<()>> {
+        self.file.write_now(self.offset + offset, buf, WriteFlags::default())
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {

@@ -22,6 +22,25 @@ const RING_ENTRIES: u32 = 512;
 /// How many task polls one turn makes before looking at the ring again.
 const POLL_BUDGET: usize = 256;
 
+/// Counts a spawned task as live until it is dropped: when it finishes, and
+/// also when it panics (the executor drops a future that panicked), so
+/// [`Runtime::drain`] does not wait for a task that will never finish (a
+/// failed assertion in a test would otherwise hang it).
+struct Live(Rc<Cell<usize>>);
+
+impl Live {
+    fn new(count: &Rc<Cell<usize>>) -> Live {
+        count.set(count.get() + 1);
+        Live(count.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
 /// An executor and a reactor for the current thread.
 pub struct Runtime {
     exec: Executor,
@@ -45,11 +64,10 @@ impl Runtime {
 
     /// Spawns a task on this thread.
     pub fn spawn<F: Future<Output = ()> + 'static>(&self, fut: F) {
-        let live = self.live.clone();
-        live.set(live.get() + 1);
+        let live = Live::new(&self.live);
         self.exec.spawn(async move {
+            let _live = live;
             fut.await;
-            live.set(live.get() - 1);
         });
     }
 

@@ -39,6 +39,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use super::device::Device;
 use super::request::{self, parse, Desc, Parsed, Reason, Request, S_IOERR};
 use super::ring::Rings;
+use crate::block::BlockError;
 use crate::runtime::Runtime;
 
 /// Per-queue state living on the queue's thread.
@@ -192,6 +193,11 @@ impl QueueCtx {
         match parsed {
             Parsed::Ok(req) => match rt {
                 Some(rt) => {
+                    let dev = &self.dev;
+                    if let Some(out) = req.execute_now(&dev.node, &dev.id_bytes, dev.write_through()) {
+                        self.finish(&req, out);
+                        return;
+                    }
                     let ctx = self.clone();
                     rt.spawn(async move { ctx.run(req).await });
                 }
@@ -215,7 +221,12 @@ impl QueueCtx {
     }
 
     async fn run(&self, req: Request) {
-        let (code, mut used, err) = req.execute(&self.dev.node, &self.dev.id_bytes, self.dev.write_through()).await;
+        let out = req.execute(&self.dev.node, &self.dev.id_bytes, self.dev.write_through()).await;
+        self.finish(&req, out);
+    }
+
+    /// Writes a finished request's status and queues it for the used ring.
+    fn finish(&self, req: &Request, (code, mut used, err): (u8, u32, Option<BlockError>)) {
         if let Some(e) = err {
             self.warn(format_args!("{:?} at {}+{} failed: {e}", req.op, req.offset, req.len));
         }

@@ -480,6 +480,28 @@ impl Request {
             }
             _ => self.io(node, write_through).await,
         };
+        self.outcome(r)
+    }
+
+    /// [`Self::execute`] done at once, on this thread, when the node can
+    /// ([`BlockNode::read_now`], [`BlockNode::write_now`]: page-cache hits,
+    /// `null-co`); `None` when the request needs `execute`. Nothing of the
+    /// request has then been done that `execute` would not do again.
+    pub fn execute_now(&self, node: &BlockNode, id: &[u8; ID_BYTES], write_through: bool) -> Option<(u8, u32, Option<BlockError>)> {
+        let r = match self.op {
+            Op::Read => node.read_now(self.offset, &self.data)?,
+            Op::Write => node.write_now(self.offset, &self.data, WriteFlags { fua: write_through })?,
+            Op::GetId => {
+                self.data.copy_from(0, id);
+                Ok(())
+            }
+            Op::Flush | Op::Discard | Op::WriteZeroes { .. } => return None,
+        };
+        Some(self.outcome(r))
+    }
+
+    /// The status code, used length and error of a finished request.
+    fn outcome(&self, r: BlockResult<()>) -> (u8, u32, Option<BlockError>) {
         match r {
             Ok(()) => (S_OK, self.used_len, None),
             Err(e) if e.kind() == ErrorKind::Unsupported => (S_UNSUPP, 1, Some(e)),
