@@ -11,22 +11,29 @@
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
 
+use smallvec::SmallVec;
+
+/// Segments kept inline, without a heap allocation: a guest's 4k request is
+/// one segment, and a chain's descriptor count (header and status
+/// included) bounds the segments the vhost parser asks room for.
+const INLINE_SEGMENTS: usize = 4;
+
 /// A scatter/gather list of memory segments.
 #[derive(Default)]
 pub struct IoVecs {
-    iov: Vec<libc::iovec>,
+    iov: SmallVec<[libc::iovec; INLINE_SEGMENTS]>,
     len: usize,
 }
 
 impl IoVecs {
     /// An empty list.
     pub fn new() -> Self {
-        IoVecs { iov: Vec::new(), len: 0 }
+        IoVecs { iov: SmallVec::new(), len: 0 }
     }
 
     /// An empty list with room for `n` segments.
     pub fn with_capacity(n: usize) -> Self {
-        IoVecs { iov: Vec::with_capacity(n), len: 0 }
+        IoVecs { iov: SmallVec::with_capacity(n), len: 0 }
     }
 
     /// Appends a segment.
@@ -216,6 +223,27 @@ impl Drop for AlignedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_lists_stay_inline_and_long_ones_spill_intact() {
+        let mut buf = vec![0u8; 8 * 512];
+        let base = buf.as_mut_ptr();
+        let mut v = IoVecs::with_capacity(INLINE_SEGMENTS);
+        for i in 0..INLINE_SEGMENTS {
+            // SAFETY: inside `buf`, which outlives `v`.
+            unsafe { v.push_raw(base.add(i * 512), 512) };
+        }
+        assert!(!v.iov.spilled(), "a short list needs no heap allocation");
+        for i in INLINE_SEGMENTS..8 {
+            // SAFETY: as above.
+            unsafe { v.push_raw(base.add(i * 512), 512) };
+        }
+        assert!(v.iov.spilled());
+        assert_eq!((v.segments(), v.len()), (8, 8 * 512));
+        let src: Vec<u8> = (0..8 * 512).map(|i| (i % 251) as u8).collect();
+        assert_eq!(v.copy_from(0, &src), src.len());
+        assert_eq!(buf, src);
+    }
 
     fn two_segments(a: &mut [u8], b: &mut [u8]) -> IoVecs {
         let mut v = IoVecs::new();
