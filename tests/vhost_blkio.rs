@@ -77,8 +77,8 @@ fn integrity(mix: Mix) {
     let (mut submitted, mut completed, total) = (0usize, 0usize, 3000usize);
     let mut pending: VecDeque<usize> = VecDeque::new();
     while completed < total {
-        for q in 0..queues {
-            while submitted < total && !free[q].is_empty() {
+        for (q, free) in free.iter_mut().enumerate() {
+            while submitted < total && !free.is_empty() {
                 let unit = mix.unit * 512;
                 let len = rng.gen_range(1..=mix.max_units) * unit as usize;
                 let off = rng.gen_range(0..=(size - len as u64) / unit) * unit;
@@ -87,7 +87,7 @@ fn integrity(mix: Mix) {
                 if conflict {
                     break;
                 }
-                let s = free[q].pop().unwrap_or_default();
+                let s = free.pop().unwrap_or_default();
                 let id = q * depth + s;
                 let ptr = (base + id * slot) as *mut u8;
                 if write {

@@ -150,7 +150,7 @@ mod tests {
         let rt = crate::runtime::Runtime::new().expect("runtime");
         let t = Rc::new(Tracker::default());
         let order = Rc::new(RefCell::new(Vec::new()));
-        let fast = rt.block_on({
+        rt.block_on({
             let t = t.clone();
             async move {
                 let g = t.begin(0, 4096, false).await;
@@ -159,7 +159,6 @@ mod tests {
                 std::mem::forget(g);
             }
         });
-        let _ = fast;
         {
             let (t, order) = (t.clone(), order.clone());
             rt.spawn(async move {

@@ -273,7 +273,8 @@ mod tests {
             }
             mq.avail().idx().store(u16::to_le(size));
             let rings = Rings::new(&queue, &mem).expect("rings in one region");
-            let expected: Vec<(u16, Vec<(u64, u32, bool)>)> = queue
+            type Chain = (u16, Vec<(u64, u32, bool)>);
+            let expected: Vec<Chain> = queue
                 .iter(&mem)
                 .expect("iter")
                 .map(|c| (c.head_index(), c.map(|d| (d.addr().0, d.len(), d.is_write_only())).collect()))
