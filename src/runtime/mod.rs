@@ -172,3 +172,23 @@ where
 pub async fn sleep(dur: std::time::Duration) {
     let _ = Op::sleep(dur).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_that_panics_is_no_longer_live() {
+        let rt = Runtime::new().expect("runtime");
+        rt.spawn(async {});
+        rt.spawn(async { panic!("injected") });
+        assert_eq!(rt.live_tasks(), 2);
+        // The panic comes out of the poll; the task must not stay counted,
+        // or `drain` (and a runtime's drop) would wait for it forever.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.turn()));
+        assert!(r.is_err(), "the panic reaches the caller");
+        rt.turn();
+        assert_eq!(rt.live_tasks(), 0);
+        rt.drain();
+    }
+}
