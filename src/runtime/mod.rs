@@ -17,8 +17,14 @@ use std::rc::Rc;
 pub use executor::Executor;
 pub use reactor::{Op, Reactor};
 
-/// Size of each thread's submission queue.
-const RING_ENTRIES: u32 = 512;
+/// Size of each thread's submission queue. A larger batch is submitted in
+/// several calls (`Reactor::push` submits when the queue is full).
+const RING_ENTRIES: u32 = 128;
+/// Size of each thread's completion queue: a queue of QEMU's default size
+/// (256) completes into it without overflowing; more in flight is still
+/// correct (see `Reactor::reap`). Every entry of both rings is resident
+/// memory (64 bytes per SQE, 16 per CQE), so they are kept this small.
+const RING_CQ_ENTRIES: u32 = 512;
 /// How many task polls one turn makes before looking at the ring again.
 const POLL_BUDGET: usize = 256;
 
@@ -51,8 +57,12 @@ pub struct Runtime {
 impl Runtime {
     /// Creates the runtime and installs its reactor as the thread's current one.
     pub fn new() -> io::Result<Self> {
+        Self::with_rings(RING_ENTRIES, RING_CQ_ENTRIES)
+    }
+
+    fn with_rings(entries: u32, cq_entries: u32) -> io::Result<Self> {
         let exec = Executor::new()?;
-        let reactor = Reactor::new(RING_ENTRIES, exec.wake_raw_fd())?;
+        let reactor = Reactor::new(entries, cq_entries, exec.wake_raw_fd())?;
         Reactor::install(&reactor);
         Ok(Runtime { exec, reactor, live: Rc::new(Cell::new(0)) })
     }
@@ -190,5 +200,30 @@ mod tests {
         rt.turn();
         assert_eq!(rt.live_tasks(), 0);
         rt.drain();
+    }
+
+    /// More operations in flight than both rings hold: submissions go out in
+    /// several calls, and the completions that overflow the completion ring
+    /// are flushed from the kernel instead of being waited for forever.
+    #[test]
+    fn more_ops_in_flight_than_the_rings_hold() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = Runtime::with_rings(4, 8).expect("runtime");
+            let done = Rc::new(Cell::new(0usize));
+            for _ in 0..300 {
+                let done = done.clone();
+                rt.spawn(async move {
+                    // SAFETY: a NOP refers to no memory.
+                    let res = unsafe { Op::new(io_uring::opcode::Nop::new().build()) }.await;
+                    assert_eq!(res, 0);
+                    done.set(done.get() + 1);
+                });
+            }
+            rt.drain();
+            let _ = tx.send(done.get());
+        });
+        let done = rx.recv_timeout(std::time::Duration::from_secs(20));
+        assert_eq!(done, Ok(300), "every op completes");
     }
 }

@@ -41,9 +41,14 @@ pub struct Reactor {
 }
 
 impl Reactor {
-    /// Creates a ring whose completions also signal `notify_fd`.
-    pub fn new(entries: u32, notify_fd: RawFd) -> io::Result<Rc<Self>> {
-        let ring = IoUring::new(entries)?;
+    /// Creates a ring of `entries` submission slots and `cq_entries`
+    /// completion slots whose completions also signal `notify_fd`.
+    ///
+    /// More operations than `cq_entries` may be in flight: the kernel keeps
+    /// the completions that do not fit (IORING_FEAT_NODROP) and [`Reactor::reap`]
+    /// flushes them into the ring.
+    pub fn new(entries: u32, cq_entries: u32, notify_fd: RawFd) -> io::Result<Rc<Self>> {
+        let ring = IoUring::builder().setup_cqsize(cq_entries).build(entries)?;
         ring.submitter().register_eventfd(notify_fd)?;
         Ok(Rc::new(Reactor {
             ring: RefCell::new(ring),
@@ -133,16 +138,37 @@ impl Reactor {
     }
 
     /// Collects completions and wakes their tasks. Returns how many arrived.
+    ///
+    /// Completions that overflowed the completion ring wait in the kernel
+    /// until an `io_uring_enter` with GETEVENTS moves them over; no eventfd
+    /// signal announces them again, so this flushes them while the ring
+    /// reports an overflow.
     pub fn reap(&self) -> usize {
         let mut wakers = Vec::new();
         {
             let mut ring = self.ring.borrow_mut();
             let mut slots = self.slots.borrow_mut();
-            for cqe in ring.completion() {
-                let idx = cqe.user_data() as usize;
-                if let Some(slot) = slots.get_mut(idx) {
-                    if let Slot::Waiting(w) = std::mem::replace(slot, Slot::Done(cqe.result())) {
-                        wakers.extend(w);
+            loop {
+                for cqe in ring.completion() {
+                    let idx = cqe.user_data() as usize;
+                    if let Some(slot) = slots.get_mut(idx) {
+                        if let Slot::Waiting(w) = std::mem::replace(slot, Slot::Done(cqe.result())) {
+                            wakers.extend(w);
+                        }
+                    }
+                }
+                if !ring.submission().cq_overflow() {
+                    break;
+                }
+                // The crate's submit adds GETEVENTS when the overflow flag is
+                // set; it also submits anything queued, which is harmless.
+                self.unsubmitted.set(0);
+                match ring.submit() {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(e) => {
+                        log::error!("io_uring: cannot flush overflowed completions: {e}");
+                        break;
                     }
                 }
             }
