@@ -197,7 +197,9 @@ pub fn main(args: CompareArgs) -> Result<(), String> {
         }
         None => run_all(&args)?,
     };
-    let md = report::markdown(&out);
+    let results = args.from.clone().unwrap_or_else(|| args.out.join("results.json"));
+    let options: Vec<String> = std::env::args().skip_while(|a| a != "compare").skip(1).collect();
+    let md = report::markdown(&out, &report::Links::new(&options, &args.report, &args.svg, &results));
     fs::write(&args.report, md).map_err(|e| format!("{}: {e}", args.report.display()))?;
     fs::write(&args.svg, svg::chart(&out)).map_err(|e| format!("{}: {e}", args.svg.display()))?;
     eprintln!(
@@ -855,7 +857,8 @@ mod tests {
 
     #[test]
     fn report_has_medians_ratios_and_targets() {
-        let md = report::markdown(&output());
+        let md = report::markdown(&output(), &report::Links::default());
+        assert!(md.contains("Written by `blkstack bench compare` (`make bench`). Raw results: `bench/out/results.json`. Chart: [report.svg](report.svg)."), "{md}");
         assert!(
             md.contains("| 4k randread QD32: IOPS ≥ 1.25× CH | 300k vs 200k = 1.50× | yes |"),
             "{md}"
@@ -889,7 +892,8 @@ mod tests {
         let text = serde_json::to_string(&out).expect("serialize");
         let back: CompareOutput = serde_json::from_str(&text).expect("parse");
         assert_eq!(back.records.len(), out.records.len());
-        assert_eq!(report::markdown(&back), report::markdown(&out));
+        let links = report::Links::default();
+        assert_eq!(report::markdown(&back, &links), report::markdown(&out, &links));
     }
 
     #[test]

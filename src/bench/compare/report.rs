@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::Path;
 
 use super::plan::{self, WorkloadSpec};
 use super::{CompareOutput, RunRecord};
@@ -550,8 +551,37 @@ fn failures(s: &mut String, out: &CompareOutput) {
     }
 }
 
+/// How a report names the command that wrote it and its companion files.
+pub struct Links {
+    /// The comparison's options (after `compare`), empty for the default run.
+    pub options: String,
+    /// The raw results, as a path to show.
+    pub results: String,
+    /// The chart, as a link relative to the report.
+    pub chart: String,
+}
+
+impl Links {
+    /// Links for a report written to `report` beside a chart at `svg`, from
+    /// the results at `results`.
+    pub fn new(options: &[String], report: &Path, svg: &Path, results: &Path) -> Links {
+        let chart = match (report.parent(), svg.parent(), svg.file_name()) {
+            (Some(a), Some(b), Some(name)) if a == b => name.to_string_lossy().into_owned(),
+            _ => svg.display().to_string(),
+        };
+        Links { options: options.join(" "), results: results.display().to_string(), chart }
+    }
+}
+
+impl Default for Links {
+    /// The links of `make bench`'s report.
+    fn default() -> Links {
+        Links { options: String::new(), results: "bench/out/results.json".into(), chart: "report.svg".into() }
+    }
+}
+
 /// The whole report.
-pub fn markdown(out: &CompareOutput) -> String {
+pub fn markdown(out: &CompareOutput, links: &Links) -> String {
     let st = all_stats(out);
     let ws: Vec<WorkloadSpec> = plan::workloads()
         .into_iter()
@@ -559,10 +589,18 @@ pub fn markdown(out: &CompareOutput) -> String {
         .collect();
     let mut s =
         String::from("# blkstack vs qemu-storage-daemon vs cloud-hypervisor vhost_user_block\n\n");
+    let command = if links.options.is_empty() {
+        "`blkstack bench compare` (`make bench`)".to_string()
+    } else {
+        format!("`blkstack bench compare {}`", links.options)
+    };
     let _ = writeln!(
         s,
-        "Written by `blkstack bench compare` (`make bench`){}. Raw results: `bench/out/results.json`. Chart: [report.svg](report.svg).",
-        if out.quick { " in **quick mode** (not for conclusions)" } else { "" }
+        "Written by {command}{}. Raw results: `{}`. Chart: [{}]({}).",
+        if out.quick { " in **quick mode** (not for conclusions)" } else { "" },
+        links.results,
+        links.chart,
+        links.chart
     );
     let _ = writeln!(s, "\n## Targets (issue 12), from the medians of this run\n");
     let _ = writeln!(
@@ -653,6 +691,15 @@ fn scaling(s: &mut String, st: &BTreeMap<(String, String), Stats>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn links_name_the_files_written() {
+        let l = Links::new(&[], Path::new("bench/report.md"), Path::new("bench/report.svg"), Path::new("bench/out/results.json"));
+        assert_eq!((l.chart.as_str(), l.results.as_str(), l.options.as_str()), ("report.svg", "bench/out/results.json", ""));
+        let opts = ["--only".to_string(), "rw32".to_string()];
+        let l = Links::new(&opts, Path::new("bench/report-rw.md"), Path::new("/tmp/rw.svg"), Path::new("/tmp/o/results.json"));
+        assert_eq!((l.chart.as_str(), l.results.as_str(), l.options.as_str()), ("/tmp/rw.svg", "/tmp/o/results.json", "--only rw32"));
+    }
 
     #[test]
     fn medians() {
