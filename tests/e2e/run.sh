@@ -477,6 +477,10 @@ run_scenario() {
         wait "$QPID"; qrc=$?; QPID=""
         [ "$qrc" = 124 ] && echo "+ qemu killed by the $BOOT_TIMEOUT s timeout" >> "$QLOG"
         [ "$qrc" = 0 ] || [ "$qrc" = 143 ] || echo "+ qemu exit status $qrc" >> "$QLOG"
+        QEMU_INTERNAL=""
+        if [ "$qrc" = 134 ]; then
+            QEMU_INTERNAL="$(grep -m1 -E '(system|accel/tcg)/[a-z_-]+\.c:[0-9]+: .*Assertion .* failed' "$QLOG" || true)"
+        fi
 
         result="$(tr -d '\r' < "$SERIAL" | grep "^E2E-RESULT [A-Z]* $scen $token" | sed -n 1p || true)"
         if [ -n "$DAEMON_ERR" ]; then
@@ -546,7 +550,20 @@ for s in "${SCENARIOS[@]}"; do
         fail=$((fail + 1)); failed+=("$s"); continue
     fi
     BOOT_TIMEOUT=$(( left < full_timeout ? left : full_timeout ))
-    if run_scenario "$s"; then pass=$((pass + 1)); else fail=$((fail + 1)); failed+=("$s"); fi
+    QEMU_INTERNAL=""
+    if run_scenario "$s"; then pass=$((pass + 1)); continue; fi
+    # QEMU's TCG and its memory map are QEMU's own: a vhost-user backend never
+    # changes them, so an assertion there (seen once in many runs:
+    # physmem.c iotlb_to_section, before the guest printed anything) is a
+    # QEMU bug, not a test result. Such a scenario runs once more.
+    left=$(( BUDGET - ($(now_ms) - T_START) / 1000 ))
+    if [ -n "$QEMU_INTERNAL" ] && [ "$left" -ge 30 ]; then
+        echo "RETRY $s: qemu-system-x86_64 aborted on its own assertion: $QEMU_INTERNAL"
+        BOOT_TIMEOUT=$(( left < full_timeout ? left : full_timeout ))
+        QEMU_INTERNAL=""
+        if run_scenario "$s"; then pass=$((pass + 1)); continue; fi
+    fi
+    fail=$((fail + 1)); failed+=("$s")
 done
 T_END="$(now_ms)"
 echo "e2e: backend $BACKEND: total $(secs "$T_START" "$T_END") s${failed:+; failed: ${failed[*]}}"
