@@ -569,14 +569,22 @@ impl Links {
             (Some(a), Some(b), Some(name)) if a == b => name.to_string_lossy().into_owned(),
             _ => svg.display().to_string(),
         };
-        Links { options: options.join(" "), results: results.display().to_string(), chart }
+        Links {
+            options: options.join(" "),
+            results: results.display().to_string(),
+            chart,
+        }
     }
 }
 
 impl Default for Links {
     /// The links of `make bench`'s report.
     fn default() -> Links {
-        Links { options: String::new(), results: "bench/out/results.json".into(), chart: "report.svg".into() }
+        Links {
+            options: String::new(),
+            results: "bench/out/results.json".into(),
+            chart: "report.svg".into(),
+        }
     }
 }
 
@@ -597,7 +605,11 @@ pub fn markdown(out: &CompareOutput, links: &Links) -> String {
     let _ = writeln!(
         s,
         "Written by {command}{}. Raw results: `{}`. Chart: [{}]({}).",
-        if out.quick { " in **quick mode** (not for conclusions)" } else { "" },
+        if out.quick {
+            " in **quick mode** (not for conclusions)"
+        } else {
+            ""
+        },
         links.results,
         links.chart,
         links.chart
@@ -694,11 +706,27 @@ mod tests {
 
     #[test]
     fn links_name_the_files_written() {
-        let l = Links::new(&[], Path::new("bench/report.md"), Path::new("bench/report.svg"), Path::new("bench/out/results.json"));
-        assert_eq!((l.chart.as_str(), l.results.as_str(), l.options.as_str()), ("report.svg", "bench/out/results.json", ""));
+        let l = Links::new(
+            &[],
+            Path::new("bench/report.md"),
+            Path::new("bench/report.svg"),
+            Path::new("bench/out/results.json"),
+        );
+        assert_eq!(
+            (l.chart.as_str(), l.results.as_str(), l.options.as_str()),
+            ("report.svg", "bench/out/results.json", "")
+        );
         let opts = ["--only".to_string(), "rw32".to_string()];
-        let l = Links::new(&opts, Path::new("bench/report-rw.md"), Path::new("/tmp/rw.svg"), Path::new("/tmp/o/results.json"));
-        assert_eq!((l.chart.as_str(), l.results.as_str(), l.options.as_str()), ("/tmp/rw.svg", "/tmp/o/results.json", "--only rw32"));
+        let l = Links::new(
+            &opts,
+            Path::new("bench/report-rw.md"),
+            Path::new("/tmp/rw.svg"),
+            Path::new("/tmp/o/results.json"),
+        );
+        assert_eq!(
+            (l.chart.as_str(), l.results.as_str(), l.options.as_str()),
+            ("/tmp/rw.svg", "/tmp/o/results.json", "--only rw32")
+        );
     }
 
     #[test]

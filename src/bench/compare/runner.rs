@@ -77,7 +77,11 @@ fn fadvise(f: &File, advice: libc::c_int, path: &Path) -> Result<(), String> {
     // SAFETY: posix_fadvise on an fd we own; no memory is passed.
     let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, advice) };
     if r != 0 {
-        return Err(format!("{}: posix_fadvise: {}", path.display(), std::io::Error::from_raw_os_error(r)));
+        return Err(format!(
+            "{}: posix_fadvise: {}",
+            path.display(),
+            std::io::Error::from_raw_os_error(r)
+        ));
     }
     Ok(())
 }
@@ -274,7 +278,16 @@ mod tests {
         let f = File::open(path).expect("open");
         let len = f.metadata().expect("stat").len() as usize;
         // SAFETY: a fresh read-only shared mapping of a file we opened, unmapped below.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0) };
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
         assert_ne!(p, libc::MAP_FAILED);
         let pages = len.div_ceil(4096);
         let mut v = vec![0u8; pages];

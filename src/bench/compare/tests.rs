@@ -1,0 +1,184 @@
+//! Tests of the comparison's results, report and chart (`CompareOutput`
+//! round trip, medians, ratios, targets).
+
+use super::*;
+use crate::bench::client::DeviceInfo;
+use crate::bench::result::{Backend as B, Host, Latency, Workload};
+use crate::bench::RwMode;
+
+fn result(iops: f64, p50: f64, cpu: f64, rss_kib: u64) -> BenchResult {
+    BenchResult {
+        schema: 1,
+        label: None,
+        socket: "s".into(),
+        workload: Workload {
+            rw: RwMode::Randread,
+            bs: 4096,
+            iodepth: 32,
+            queues: 1,
+            size: 1 << 30,
+            poll: false,
+            rwmixread: 50,
+            seconds: 1.0,
+            ramp_seconds: 0.0,
+        },
+        device: DeviceInfo::default(),
+        elapsed_s: 1.0,
+        ops: iops as u64,
+        reads: iops as u64,
+        writes: 0,
+        bytes: iops as u64 * 4096,
+        errors: 0,
+        first_error: None,
+        iops,
+        mib_s: iops * 4096.0 / 1048576.0,
+        lat_us: Latency {
+            p50,
+            p99: p50 * 2.0,
+            ..Default::default()
+        },
+        backend: Some(B {
+            pid: 1,
+            cpu_s_per_s: Some(cpu),
+            rss_kib: Some(rss_kib),
+            notes: vec![],
+        }),
+        host: Host {
+            steal_pct: Some(0.5),
+            ..Default::default()
+        },
+    }
+}
+
+fn rec(wl: &str, backend: &str, round: usize, r: Option<BenchResult>) -> RunRecord {
+    RunRecord {
+        workload: wl.into(),
+        backend: backend.into(),
+        round,
+        order: 0,
+        attempts: 1,
+        command: format!("{backend} --args"),
+        error: r.is_none().then(|| "boom".to_string()),
+        result: r,
+    }
+}
+
+fn output() -> CompareOutput {
+    let mut records = Vec::new();
+    for round in 0..3 {
+        let k = round as f64;
+        records.push(rec(
+            "rr32",
+            "blkstack",
+            round,
+            Some(result(300_000.0 + k, 50.0, 1.0, 2048)),
+        ));
+        records.push(rec(
+            "rr32",
+            "qsd",
+            round,
+            Some(result(150_000.0 + k, 200.0, 1.0, 9000)),
+        ));
+        records.push(rec(
+            "rr32",
+            "ch",
+            round,
+            Some(result(200_000.0 + k, 100.0, 1.0, 2900)),
+        ));
+        records.push(rec("null", "blkstack", round, None));
+        records.push(rec(
+            "null",
+            "qsd",
+            round,
+            Some(result(290_000.0, 90.0, 0.97, 9000)),
+        ));
+        records.push(rec(
+            "rr1-poll",
+            "blkstack-poll",
+            round,
+            Some(result(90_000.0, 10.0, 1.0, 2048)),
+        ));
+        records.push(rec(
+            "rr1-poll",
+            "qsd-poll",
+            round,
+            Some(result(50_000.0, 20.0, 1.0, 9000)),
+        ));
+        records.push(rec(
+            "rr1-poll",
+            "ch-poll",
+            round,
+            Some(result(90_000.0, 11.0, 1.0, 2900)),
+        ));
+    }
+    CompareOutput {
+        started: utc_now(),
+        wall_s: 1.0,
+        quick: false,
+        rounds: 3,
+        seconds: 1.0,
+        ramp: 0.0,
+        max_steal: 3.0,
+        image: "img".into(),
+        image_size: 1 << 30,
+        poll_us: 50,
+        socket: "s".into(),
+        machine: Machine::default(),
+        notes: vec![],
+        workloads: vec!["rr32".into(), "null".into(), "rr1-poll".into()],
+        records,
+        retries_skipped: 0,
+        profiles: vec![],
+    }
+}
+
+#[test]
+fn report_has_medians_ratios_and_targets() {
+    let md = report::markdown(&output(), &report::Links::default());
+    assert!(md.contains("Written by `blkstack bench compare` (`make bench`). Raw results: `bench/out/results.json`. Chart: [report.svg](report.svg)."), "{md}");
+    assert!(
+        md.contains("| 4k randread QD32: IOPS ≥ 1.25× CH | 300k vs 200k = 1.50× | yes |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| *blkstack / QSD aio=io_uring* | 2.00×"),
+        "{md}"
+    );
+    assert!(md.contains("resident memory, one export (end of 4k randread QD32): ≤ CH | 2.00 vs 2.83 = 0.71× | yes"), "{md}");
+    assert!(
+        md.contains("null 4k randread QD32: IOPS ≥ QSD | no data"),
+        "{md}"
+    );
+    assert!(
+        md.contains("## Runs that failed") && md.contains("boom"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| QD1 4k randread, polling: p50 ≤ CH | 10.0 vs 11.0 = 0.91× | yes |"),
+        "{md}"
+    );
+    assert!(md.contains("| *blkstack / CH poll_queue* |"), "{md}");
+    let svg = svg::chart(&output());
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<rect x=").count(), 4 + 7, "{svg}"); // 4 legend swatches, 3 + 1 + 3 bars
+}
+
+#[test]
+fn results_roundtrip_through_json() {
+    let out = output();
+    let text = serde_json::to_string(&out).expect("serialize");
+    let back: CompareOutput = serde_json::from_str(&text).expect("parse");
+    assert_eq!(back.records.len(), out.records.len());
+    let links = report::Links::default();
+    assert_eq!(
+        report::markdown(&back, &links),
+        report::markdown(&out, &links)
+    );
+}
+
+#[test]
+fn utc_format() {
+    let s = utc_now();
+    assert_eq!(s.len(), 16, "{s}");
+    assert!(s.starts_with("20"), "{s}");
+}
