@@ -706,27 +706,31 @@ mod tests {
 
     #[test]
     fn links_name_the_files_written() {
-        let l = Links::new(
-            &[],
-            Path::new("bench/report.md"),
-            Path::new("bench/report.svg"),
-            Path::new("bench/out/results.json"),
-        );
-        assert_eq!(
-            (l.chart.as_str(), l.results.as_str(), l.options.as_str()),
-            ("report.svg", "bench/out/results.json", "")
-        );
-        let opts = ["--only".to_string(), "rw32".to_string()];
-        let l = Links::new(
-            &opts,
-            Path::new("bench/report-rw.md"),
-            Path::new("/tmp/rw.svg"),
-            Path::new("/tmp/o/results.json"),
-        );
-        assert_eq!(
-            (l.chart.as_str(), l.results.as_str(), l.options.as_str()),
-            ("/tmp/rw.svg", "/tmp/o/results.json", "--only rw32")
-        );
+        // (options, report, chart, results) -> (chart link, results, options)
+        let cases: [(&[&str], [&str; 3], [&str; 3]); 2] = [
+            (
+                &[],
+                [
+                    "bench/report.md",
+                    "bench/report.svg",
+                    "bench/out/results.json",
+                ],
+                ["report.svg", "bench/out/results.json", ""],
+            ),
+            (
+                &["--only", "rw32"],
+                ["bench/report-rw.md", "/tmp/rw.svg", "/tmp/o/results.json"],
+                ["/tmp/rw.svg", "/tmp/o/results.json", "--only rw32"],
+            ),
+        ];
+        for (opts, [report, svg, results], want) in cases {
+            let opts: Vec<String> = opts.iter().map(|o| o.to_string()).collect();
+            let l = Links::new(&opts, Path::new(report), Path::new(svg), Path::new(results));
+            assert_eq!(
+                [l.chart.as_str(), l.results.as_str(), l.options.as_str()],
+                want
+            );
+        }
     }
 
     #[test]
