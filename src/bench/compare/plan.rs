@@ -351,10 +351,14 @@ pub fn workloads() -> Vec<WorkloadSpec> {
     ]
 }
 
+/// CPUs the 8-queue workload needs: 8 client and 8 backend threads, each on
+/// a CPU of its own.
+pub const SCALING_CPUS: usize = 16;
+
 /// Whether a workload makes sense on a machine with `cpus` CPUs: 8 queues
-/// (8 client threads and 8 backend threads) only with 16 or more.
+/// only with [`SCALING_CPUS`] or more.
 pub fn fits(w: &WorkloadSpec, cpus: usize) -> bool {
-    w.queues < 8 || cpus >= 16
+    w.queues < 8 || cpus >= SCALING_CPUS
 }
 
 /// The backends of `w` in the order round `round` runs them: rotated by

@@ -657,16 +657,32 @@ fn iops_of(st: &BTreeMap<(String, String), Stats>, wl: &str, b: &str) -> Option<
 }
 
 fn scaling_target(st: &BTreeMap<(String, String), Stats>, cpus: usize) -> String {
+    use plan::SCALING_CPUS;
     let what = "| multi-queue 4k randread QD32: 8 queues ≥ 90 % of 8× one queue";
-    match (iops_of(st, "rr32", "blkstack"), iops_of(st, "mq8", "blkstack")) {
+    if cpus < SCALING_CPUS {
+        let had = if iops_of(st, "mq8", "blkstack").is_some() {
+            " (the 8-queue run below shares them, so it says nothing about scaling)"
+        } else {
+            ""
+        };
+        return format!(
+            "{what} | not measured: needs {SCALING_CPUS} CPUs (8 client + 8 backend threads), this machine has {cpus}{had}; 1/2/4-queue figures below | – |"
+        );
+    }
+    match (
+        iops_of(st, "rr32", "blkstack"),
+        iops_of(st, "mq8", "blkstack"),
+    ) {
         (Some(one), Some(eight)) if one > 0.0 => {
             let eff = eight / (8.0 * one);
             let met = if eff >= 0.9 { "yes" } else { "**no**" };
-            format!("{what} | {} vs 8 × {} = {:.0} % of linear | {met} |", num(eight), num(one), eff * 100.0)
+            format!(
+                "{what} | {} vs 8 × {} = {:.0} % of linear on {cpus} CPUs | {met} |",
+                num(eight),
+                num(one),
+                eff * 100.0
+            )
         }
-        _ if cpus < 16 => format!(
-            "{what} | not measured: needs 16 CPUs (8 client + 8 backend threads), this machine has {cpus}; 1/2/4-queue figures below | – |"
-        ),
         _ => format!("{what} | no data | – |"),
     }
 }
@@ -731,6 +747,35 @@ mod tests {
                 want
             );
         }
+    }
+
+    #[test]
+    fn scaling_is_judged_only_with_a_cpu_per_thread() {
+        let mut st = BTreeMap::new();
+        for (wl, iops) in [("rr32", 100_000.0), ("mq8", 760_000.0)] {
+            st.insert(
+                (wl.to_string(), "blkstack".to_string()),
+                Stats {
+                    n: 1,
+                    iops,
+                    ..Stats::default()
+                },
+            );
+        }
+        let on16 = scaling_target(&st, 16);
+        assert!(
+            on16.contains("= 95 % of linear on 16 CPUs | yes |"),
+            "{on16}"
+        );
+        let on2 = scaling_target(&st, 2);
+        assert!(
+            on2.contains("not measured: needs 16 CPUs")
+                && on2.contains("says nothing about scaling")
+                && on2.ends_with("| – |"),
+            "{on2}"
+        );
+        st.clear();
+        assert!(scaling_target(&st, 16).contains("no data"));
     }
 
     #[test]
