@@ -77,6 +77,8 @@ fn bad_lines_are_refused_naming_the_key() {
         (vec!["--blockdev".into(), file.clone(), "--export".into(), exp(",logical-block-size=1000")], "logical-block-size"),
         (vec!["--blockdev".into(), file.clone(), "--export".into(), exp(",writable=yesplease")], "writable"),
         (vec!["--blockdev".into(), file.clone(), "--export".into(), exp(",speed=fast")], "speed"),
+        (vec!["--blockdev".into(), file.clone(), "--export".into(), exp(",cpu-affinity=3-1")], "cpu-affinity"),
+        (vec!["--blockdev".into(), file.clone(), "--export".into(), exp(",cpu-affinity=1023")], "cpu-affinity"),
         (vec!["--blockdev".into(), file.clone(), "--export".into(), exp("").replace("node-name=f0", "node-name=nope")], "nope"),
         (vec!["--blockdev".into(), file.clone(), "--export".into(), "type=nbd,id=n0,node-name=f0".into()], "nbd-server"),
         (vec!["--blockdev".into(), file.clone(), "--monitor".into(), "chardev=m9".into()], "m9"),

@@ -288,6 +288,46 @@ fn reconnect_keeps_data_and_a_second_frontend_is_refused() {
     }
 }
 
+/// The `Cpus_allowed_list` of a /proc status file.
+fn cpus_allowed(status: &Path) -> String {
+    let text = std::fs::read_to_string(status).unwrap_or_default();
+    text.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap_or("").trim().to_string()
+}
+
+#[test]
+fn queue_threads_run_on_the_cpus_asked_for() {
+    // This process's CPUs (the daemon inherits them): queue 0 asks for the
+    // last, queue 1 for the first (the same CPU on a one-CPU machine).
+    let mine = cpus_allowed(Path::new("/proc/self/status"));
+    let first_and_last = |list: &str| -> Option<(u32, u32)> {
+        let nums: Vec<u32> = list.split([',', '-']).map(|n| n.parse().ok()).collect::<Option<_>>()?;
+        Some((*nums.first()?, *nums.last()?))
+    };
+    let (first, last) = first_and_last(&mine).unwrap_or_else(|| panic!("cannot read this process's CPUs: '{mine}'"));
+    let dir = scratch("affinity");
+    let img = image(&dir, "disk.img", 16 * MIB);
+    let sock = dir.join("vhost.sock");
+    // The dotted form doubles a comma inside a value.
+    let export = vhost_export(&sock, "f0", &format!("writable=on,num-queues=2,cpu-affinity={last},,{first}"));
+    let d = serve(&dir, &args(&[file_node(&img, "")], export, vec![]));
+    let mut c = connect(&sock, 2, MIB as usize);
+    // A queue's thread sets itself up (and pins itself) on its first request.
+    assert_eq!(c.read_on(0, 0, 4096), 0);
+    assert_eq!(c.read_on(1, 4096, 4096), 0);
+    let mut pinned: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", d.pid))
+        .expect("the daemon's threads")
+        .filter_map(|t| t.ok().map(|t| t.path()))
+        .filter(|t| std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "vring_worker"))
+        .map(|t| cpus_allowed(&t.join("status")))
+        .collect();
+    pinned.sort();
+    let mut want = vec![last.to_string(), first.to_string()];
+    want.sort();
+    assert_eq!(pinned, want, "queue threads' CPUs (this process may use {mine})");
+    // Every other thread keeps the daemon's CPUs.
+    assert_eq!(cpus_allowed(Path::new(&format!("/proc/{}/status", d.pid))), mine);
+}
+
 #[test]
 fn null_export_reads_zeroes() {
     let dir = scratch("null");

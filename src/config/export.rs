@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::blockdev::typed;
-use super::types::{Flag, Num};
+use super::types::{CpuList, Flag, Num};
 
 /// A unix socket address (`addr.type=unix,addr.path=...`).
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +94,8 @@ struct VhostRaw {
     serial: Option<String>,
     #[serde(default)]
     poll_us: Option<Num>,
+    #[serde(default)]
+    cpu_affinity: Option<CpuList>,
 }
 
 /// Options of `--export type=nbd`.
@@ -131,6 +133,9 @@ pub struct VhostExportOptions {
     pub serial: Option<String>,
     /// Busy-poll the queue this long before sleeping (0: never).
     pub poll_us: u64,
+    /// `cpu-affinity`: queue thread i runs on CPU `cpu_affinity[i % len]`
+    /// (empty: wherever the scheduler puts it).
+    pub cpu_affinity: Vec<u16>,
 }
 
 /// An NBD export definition.
@@ -198,6 +203,7 @@ pub fn parse_export(v: Value) -> Result<ExportOptions, String> {
                 queue_size: r.queue_size.map_or(256, |n| n.0),
                 serial: r.serial,
                 poll_us: r.poll_us.map_or(0, |n| n.0),
+                cpu_affinity: r.cpu_affinity.map_or_else(Vec::new, |c| c.0),
             })
         }
         Some("nbd") => {
@@ -319,6 +325,14 @@ mod tests {
         let ExportOptions::VhostUserBlk(o) = parse_export(v).unwrap() else { panic!("wrong type") };
         assert_eq!((o.num_queues, o.writable, o.logical_block_size), (4, true, 512));
         assert!(matches!(o.addr, SocketAddr::Unix(ref p) if p.to_str() == Some("/run/vm.sock")));
+        assert!(o.cpu_affinity.is_empty());
+        // cpu-affinity: a cpulist (commas doubled in the dotted form) or, in JSON (QMP), an array.
+        let v = parse_arg("type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=/s,cpu-affinity=4-5,,1", None).unwrap();
+        let ExportOptions::VhostUserBlk(o) = parse_export(v).unwrap() else { panic!("wrong type") };
+        assert_eq!(o.cpu_affinity, vec![4, 5, 1]);
+        let v = parse_arg(r#"{"type": "vhost-user-blk", "id": "e0", "node-name": "f0", "addr": {"type": "unix", "path": "/s"}, "cpu-affinity": [2, 0]}"#, None).unwrap();
+        let ExportOptions::VhostUserBlk(o) = parse_export(v).unwrap() else { panic!("wrong type") };
+        assert_eq!(o.cpu_affinity, vec![2, 0]);
         let v = parse_arg("type=nbd,id=n0,node-name=f0,name=disk", None).unwrap();
         let ExportOptions::Nbd(o) = parse_export(v).unwrap() else { panic!("wrong type") };
         assert_eq!((o.name.as_str(), o.writable), ("disk", false));

@@ -121,6 +121,104 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
+/// The largest CPU number a `cpu_set_t` holds, plus one.
+pub const MAX_CPUS: usize = libc::CPU_SETSIZE as usize;
+
+/// A list of CPU numbers, in order: a Linux cpulist string (`2-5,8`; in the
+/// dotted form a comma inside a value is doubled: `2-5,,8`), one number, or
+/// a JSON array of numbers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CpuList(pub Vec<u16>);
+
+impl CpuList {
+    /// Parses a cpulist string: comma-separated CPU numbers and `A-B` ranges
+    /// (A ≤ B), each below [`MAX_CPUS`]; at most [`MAX_CPUS`] entries.
+    pub fn parse(s: &str) -> Result<CpuList, String> {
+        let cpu = |t: &str| -> Result<u16, String> {
+            match parse_num(t) {
+                Some(n) if n < MAX_CPUS as u64 => Ok(n as u16),
+                Some(n) => Err(format!("CPU {n} is beyond the largest CPU number, {}", MAX_CPUS - 1)),
+                None => Err(format!("'{t}' is not a CPU number")),
+            }
+        };
+        let mut out = Vec::new();
+        for item in s.split(',') {
+            let (a, b) = match item.split_once('-') {
+                Some((a, b)) => (cpu(a)?, cpu(b)?),
+                None => {
+                    let c = cpu(item)?;
+                    (c, c)
+                }
+            };
+            if a > b {
+                return Err(format!("the range '{item}' runs backwards"));
+            }
+            if out.len() + usize::from(b - a) + 1 > MAX_CPUS {
+                return Err(format!("more than {MAX_CPUS} CPUs"));
+            }
+            out.extend(a..=b);
+        }
+        Ok(CpuList(out))
+    }
+}
+
+impl fmt::Display for CpuList {
+    /// The cpulist form, with runs of consecutive CPUs as ranges.
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let mut i = 0;
+        let v = &self.0;
+        while i < v.len() {
+            let mut j = i;
+            while j + 1 < v.len() && v[j + 1] == v[j].wrapping_add(1) {
+                j += 1;
+            }
+            let sep = if i == 0 { "" } else { "," };
+            if j > i {
+                write!(f, "{sep}{}-{}", v[i], v[j])?;
+            } else {
+                write!(f, "{sep}{}", v[i])?;
+            }
+            i = j + 1;
+        }
+        Ok(())
+    }
+}
+
+impl<'de> Deserialize<'de> for CpuList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CpuList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a CPU list such as '2-5,8' or [2, 3]")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<CpuList, E> {
+                CpuList::parse(&v.to_string()).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<CpuList, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::invalid_value(de::Unexpected::Signed(v), &self)),
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<CpuList, E> {
+                CpuList::parse(v).map_err(E::custom)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<CpuList, A::Error> {
+                let mut out = Vec::new();
+                while let Some(Num(n)) = seq.next_element()? {
+                    if n >= MAX_CPUS as u64 || out.len() >= MAX_CPUS {
+                        return Err(de::Error::custom(format!("CPU {n} is beyond the largest CPU number, {}, or the list is too long", MAX_CPUS - 1)));
+                    }
+                    out.push(n as u16);
+                }
+                Ok(CpuList(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +237,19 @@ mod tests {
         assert_eq!(serde_json::from_str::<Size>("\"1G\"").unwrap(), Size(1 << 30));
         assert!(serde_json::from_str::<Size>("\"16E\"").is_err());
         assert!(serde_json::from_str::<Size>("\"12q\"").is_err());
+    }
+
+    #[test]
+    fn cpu_lists_parse_in_every_form() {
+        let list = |s: &str| serde_json::from_str::<CpuList>(s).map(|c| c.0);
+        assert_eq!(list("\"2-5,8\"").unwrap(), vec![2, 3, 4, 5, 8]);
+        assert_eq!(list("\"3,1\"").unwrap(), vec![3, 1], "order is kept: queue i takes the i-th CPU");
+        assert_eq!(list("1").unwrap(), vec![1]);
+        assert_eq!(list("[0, \"2\", 2]").unwrap(), vec![0, 2, 2]);
+        for bad in ["\"5-2\"", "\"1,,2\"", "\"\"", "\"x\"", "\"1-\"", "\"1024\"", "[1024]", "-1", "\"0-70000\"", "true"] {
+            assert!(list(bad).is_err(), "{bad} must be refused");
+        }
+        assert_eq!(CpuList(vec![0, 1, 2, 5, 7, 8]).to_string(), "0-2,5,7-8");
+        assert_eq!(CpuList(vec![3]).to_string(), "3");
     }
 }

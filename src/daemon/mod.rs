@@ -163,6 +163,7 @@ impl Daemon {
                     queue_size: narrow(o.queue_size, "queue-size", u16::MAX.into())? as u16,
                     serial: o.serial.clone(),
                     poll_us: o.poll_us,
+                    cpu_affinity: o.cpu_affinity.clone(),
                 };
                 cfg.validate()?;
                 Running::Vhost(VhostBlkExport::start(cfg, node)?)

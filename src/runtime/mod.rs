@@ -6,6 +6,7 @@
 //! connections and the control thread (through [`Runtime::block_on`]).
 //! Driver futures find the thread's io_uring through [`Reactor::current`].
 
+pub mod affinity;
 mod executor;
 mod reactor;
 

@@ -10,6 +10,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use crate::block::Limits;
+use crate::config::types::CpuList;
 
 /// virtio-blk sectors are always 512 bytes, whatever the logical block size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -49,6 +50,9 @@ pub struct VhostBlkConfig {
     pub serial: Option<String>,
     /// `poll-us`: busy-poll the rings for this long before sleeping (0 = never).
     pub poll_us: u64,
+    /// `cpu-affinity`: queue i's thread is pinned to CPU
+    /// `cpu_affinity[i % len]`; empty: no pinning (the default).
+    pub cpu_affinity: Vec<u16>,
 }
 
 impl Default for VhostBlkConfig {
@@ -62,11 +66,21 @@ impl Default for VhostBlkConfig {
             queue_size: 256,
             serial: None,
             poll_us: 0,
+            cpu_affinity: Vec::new(),
         }
     }
 }
 
 impl VhostBlkConfig {
+    /// The CPU queue `q`'s thread is pinned to, if any.
+    pub fn queue_cpu(&self, q: usize) -> Option<u16> {
+        if self.cpu_affinity.is_empty() {
+            None
+        } else {
+            self.cpu_affinity.get(q % self.cpu_affinity.len()).copied()
+        }
+    }
+
     /// Checks every option; the message names the option key.
     pub fn validate(&self) -> Result<(), String> {
         if self.id.is_empty() {
@@ -101,6 +115,9 @@ impl VhostBlkConfig {
         }
         if self.poll_us > MAX_POLL_US {
             return Err(format!("poll-us: {} is more than the maximum of {MAX_POLL_US}", self.poll_us));
+        }
+        if !self.cpu_affinity.is_empty() {
+            crate::runtime::affinity::check_available(&CpuList(self.cpu_affinity.clone())).map_err(|e| format!("cpu-affinity: {e}"))?;
         }
         Ok(())
     }
@@ -274,6 +291,10 @@ mod tests {
         assert!(err_of(|c| c.path = PathBuf::new()).starts_with("addr.path:"));
         assert!(err_of(|c| c.path = PathBuf::from("/".repeat(200))).starts_with("addr.path:"));
         assert!(err_of(|c| c.poll_us = MAX_POLL_US + 1).starts_with("poll-us:"));
+        assert!(err_of(|c| c.cpu_affinity = vec![1023]).starts_with("cpu-affinity: CPU 1023 is not one this process may run on"));
+        let c = VhostBlkConfig { cpu_affinity: vec![3, 1], ..VhostBlkConfig::default() };
+        assert_eq!([0, 1, 2, 3].map(|q| c.queue_cpu(q)), [Some(3), Some(1), Some(3), Some(1)], "round robin over the list");
+        assert_eq!(VhostBlkConfig::default().queue_cpu(0), None);
     }
 
     #[test]

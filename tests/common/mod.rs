@@ -191,9 +191,14 @@ impl Client {
 
     /// Reads `len` bytes at `off` into the region's start.
     pub fn read(&mut self, off: u64, len: usize) -> Ret {
+        self.read_on(0, off, len)
+    }
+
+    /// Like [`Client::read`], on queue `q`.
+    pub fn read_on(&mut self, q: usize, off: u64, len: usize) -> Ret {
         let p = self.region.addr as *mut u8;
-        self.queues[0].read(off, p, len, 0, ReqFlags::empty());
-        self.wait(0)
+        self.queues[q].read(off, p, len, 0, ReqFlags::empty());
+        self.wait(q)
     }
 
     /// Writes the region's first `len` bytes at `off`.
