@@ -98,10 +98,36 @@ fn retryable(res: i32) -> bool {
     res == -libc::EINTR || res == -libc::EAGAIN
 }
 
-/// Fills `buf` from the socket through io_uring. End-of-file after part of
-/// the buffer arrived is an `UnexpectedEof` error.
+/// A `recv` or `sendmsg` result as io_uring would give it: bytes, or a
+/// negative errno.
+fn res_of(n: isize) -> i32 {
+    if n < 0 {
+        -io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    } else {
+        i32::try_from(n).unwrap_or(i32::MAX)
+    }
+}
+
+/// Fills `buf` from the socket: first with non-blocking `recv`s while data
+/// is already there (a client that pipelines requests sends them ahead, and
+/// a ring round trip per header would cost a task switch each), then
+/// through io_uring. End-of-file after part of the buffer arrived is an
+/// `UnexpectedEof` error.
 pub async fn recv_exact(fd: RawFd, buf: &mut [u8]) -> io::Result<Recv> {
     let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: `rest` is valid for writes of its length during the call.
+        let res = res_of(unsafe { libc::recv(fd, rest.as_mut_ptr().cast(), rest.len(), libc::MSG_DONTWAIT) });
+        match res {
+            0 if done == 0 => return Ok(Recv::Eof),
+            0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-message")),
+            r if r == -libc::EINTR => continue,
+            r if r == -libc::EAGAIN => break,
+            r if r < 0 => return Err(io::Error::from_raw_os_error(-r)),
+            r => done += r as usize,
+        }
+    }
     while done < buf.len() {
         let want = u32::try_from(buf.len() - done).unwrap_or(u32::MAX);
         let rest = &mut buf[done..];
@@ -136,7 +162,8 @@ pub async fn discard_exact(fd: RawFd, mut n: usize) -> io::Result<()> {
 }
 
 /// Sends every byte of `parts`, in order, as one message where the kernel
-/// allows (a `sendmsg` with an iovec per part), looping on short sends.
+/// allows (a `sendmsg` with an iovec per part), looping on short sends:
+/// without waiting while the socket takes the bytes, then through io_uring.
 pub async fn send_all(fd: RawFd, parts: &[&[u8]]) -> io::Result<()> {
     let mut iov: Vec<libc::iovec> = parts
         .iter()
@@ -144,17 +171,31 @@ pub async fn send_all(fd: RawFd, parts: &[&[u8]]) -> io::Result<()> {
         .map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() })
         .collect();
     let mut first = 0usize;
+    // While the socket has room (nearly always), a non-blocking sendmsg
+    // finishes the reply without a ring round trip.
+    let mut nonblocking = true;
     while first < iov.len() {
         // SAFETY: `msghdr` is a plain C struct; all-zero is a valid value
         // (no name, no control data).
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov[first..].as_mut_ptr();
         msg.msg_iovlen = (iov.len() - first) as _;
-        let entry = opcode::SendMsg::new(types::Fd(fd), &msg).flags(libc::MSG_NOSIGNAL as u32).build();
-        // SAFETY: `msg`, the iovec array and the buffers it points into (the
-        // borrowed `parts`) all outlive the op, which is awaited here (a
-        // dropped op waits for its completion).
-        let res = unsafe { Op::new(entry) }.await;
+        let res = if nonblocking {
+            // SAFETY: `msg` and the iovecs and buffers it points to are valid
+            // for the duration of the call.
+            let r = res_of(unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) });
+            if r == -libc::EAGAIN {
+                nonblocking = false;
+                continue;
+            }
+            r
+        } else {
+            let entry = opcode::SendMsg::new(types::Fd(fd), &msg).flags(libc::MSG_NOSIGNAL as u32).build();
+            // SAFETY: `msg`, the iovec array and the buffers it points into
+            // (the borrowed `parts`) all outlive the op, which is awaited
+            // here (a dropped op waits for its completion).
+            unsafe { Op::new(entry) }.await
+        };
         if retryable(res) {
             continue;
         }
@@ -204,7 +245,7 @@ mod tests {
     }
 
     #[test]
-    fn recv_and_send_over_io_uring() {
+    fn recv_and_send() {
         let (a, b) = UnixStream::pair().expect("pair");
         let rt = Runtime::new().expect("runtime");
         let fa = a.as_raw_fd();
@@ -222,5 +263,35 @@ mod tests {
             recv_exact(fb, &mut buf).await.expect("recv")
         });
         assert_eq!(r, Recv::Eof);
+    }
+
+    /// Nothing to read yet, and more to send than the socket holds: both
+    /// go on through the ring after their non-blocking attempt.
+    #[test]
+    fn recv_and_send_wait_through_the_ring() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        let rt = Runtime::new().expect("runtime");
+        let fb = b.as_raw_fd();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            (&a).write_all(b"late").expect("write");
+            a
+        });
+        let got = rt.block_on(async move {
+            let mut buf = [0u8; 4];
+            (recv_exact(fb, &mut buf).await.expect("recv"), buf)
+        });
+        assert_eq!(got, (Recv::Full, *b"late"));
+        let a = late.join().expect("writer");
+        let big: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let mut got = vec![0u8; 4 << 20];
+            (&a).read_exact(&mut got).expect("read");
+            got
+        });
+        let sent = big.clone();
+        rt.block_on(async move { send_all(fb, &[&sent[..1000], &sent[1000..]]).await.expect("send") });
+        assert!(reader.join().expect("reader") == big, "the bytes arrive whole and in order");
     }
 }
