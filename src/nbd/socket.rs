@@ -266,32 +266,44 @@ mod tests {
     }
 
     /// Nothing to read yet, and more to send than the socket holds: both
-    /// go on through the ring after their non-blocking attempt.
+    /// go on through the ring after their non-blocking attempt, and finish
+    /// once the peer writes or reads.
     #[test]
     fn recv_and_send_wait_through_the_ring() {
+        use std::cell::RefCell;
+        use std::rc::Rc;
         let (a, b) = UnixStream::pair().expect("pair");
         let rt = Runtime::new().expect("runtime");
         let fb = b.as_raw_fd();
-        let late = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            (&a).write_all(b"late").expect("write");
-            a
-        });
-        let got = rt.block_on(async move {
+        let got = Rc::new(RefCell::new(None));
+        let slot = got.clone();
+        rt.spawn(async move {
             let mut buf = [0u8; 4];
-            (recv_exact(fb, &mut buf).await.expect("recv"), buf)
+            let r = recv_exact(fb, &mut buf).await.ok();
+            *slot.borrow_mut() = Some((r, buf));
         });
-        assert_eq!(got, (Recv::Full, *b"late"));
-        let a = late.join().expect("writer");
+        rt.turn();
+        assert!(got.borrow().is_none(), "nothing was sent yet, so the receive waits");
+        (&a).write_all(b"late").expect("write");
+        rt.drain();
+        assert_eq!(got.take(), Some((Some(Recv::Full), *b"late")));
+
         let big: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
+        let sent = Rc::new(RefCell::new(None));
+        let (slot, data) = (sent.clone(), big.clone());
+        rt.spawn(async move {
+            let r = send_all(fb, &[&data[..1000], &data[1000..]]).await;
+            *slot.borrow_mut() = Some(r.is_ok());
+        });
+        rt.turn();
+        assert!(sent.borrow().is_none(), "4 MiB do not fit the socket, so the send waits for the reader");
         let reader = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(100));
             let mut got = vec![0u8; 4 << 20];
             (&a).read_exact(&mut got).expect("read");
             got
         });
-        let sent = big.clone();
-        rt.block_on(async move { send_all(fb, &[&sent[..1000], &sent[1000..]]).await.expect("send") });
+        rt.drain();
+        assert_eq!(sent.take(), Some(true));
         assert!(reader.join().expect("reader") == big, "the bytes arrive whole and in order");
     }
 }

@@ -3,8 +3,7 @@
 
 use std::io;
 
-pub use crate::config::types::CpuList;
-use crate::config::types::MAX_CPUS;
+use crate::config::types::{CpuList, MAX_CPUS};
 
 /// The CPUs the calling thread may run on now, ascending.
 pub fn allowed_cpus() -> io::Result<CpuList> {
@@ -18,23 +17,15 @@ pub fn allowed_cpus() -> io::Result<CpuList> {
     Ok(CpuList((0..MAX_CPUS).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).map(|c| c as u16).collect()))
 }
 
-/// The `cpu_set_t` of `list`; EINVAL for a CPU beyond [`MAX_CPUS`].
-fn cpu_set(list: &CpuList) -> io::Result<libc::cpu_set_t> {
-    // SAFETY: an all-zero cpu_set_t is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &cpu in &list.0 {
-        if usize::from(cpu) >= MAX_CPUS {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        // SAFETY: CPU_SET writes a CPU number below CPU_SETSIZE into `set`.
-        unsafe { libc::CPU_SET(usize::from(cpu), &mut set) };
-    }
-    Ok(set)
-}
-
 /// Restricts the calling thread to `cpu`.
 pub fn pin_current_thread(cpu: u16) -> io::Result<()> {
-    let set = cpu_set(&CpuList(vec![cpu]))?;
+    if usize::from(cpu) >= MAX_CPUS {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes a CPU number below CPU_SETSIZE into `set`.
+    unsafe { libc::CPU_SET(usize::from(cpu), &mut set) };
     // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is this thread.
     if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
         return Err(io::Error::last_os_error());
@@ -42,10 +33,10 @@ pub fn pin_current_thread(cpu: u16) -> io::Result<()> {
     Ok(())
 }
 
-/// Checks that every CPU of `list` is one this process may run on.
-pub fn check_available(list: &CpuList) -> Result<(), String> {
+/// Checks that every CPU of `cpus` is one this process may run on.
+pub fn check_available(cpus: &[u16]) -> Result<(), String> {
     let allowed = allowed_cpus().map_err(|e| format!("cannot read this process's CPU affinity: {e}"))?;
-    match list.0.iter().find(|c| !allowed.0.contains(c)) {
+    match cpus.iter().find(|c| !allowed.0.contains(c)) {
         Some(c) => Err(format!("CPU {c} is not one this process may run on ({allowed})")),
         None => Ok(()),
     }
@@ -68,9 +59,9 @@ mod tests {
         .expect("thread");
         assert_eq!(pinned.0, vec![last]);
         assert_eq!(allowed_cpus().expect("affinity"), before, "only the pinned thread changed");
-        assert!(check_available(&CpuList(vec![last])).is_ok());
+        assert!(check_available(&[last]).is_ok());
         let missing = (0..MAX_CPUS as u16).find(|c| !before.0.contains(c)).expect("fewer than 1024 CPUs");
-        let err = check_available(&CpuList(vec![last, missing])).expect_err("not available");
+        let err = check_available(&[last, missing]).expect_err("not available");
         assert!(err.starts_with(&format!("CPU {missing} is not one this process may run on")), "{err}");
         assert!(pin_current_thread(MAX_CPUS as u16).is_err());
     }

@@ -10,7 +10,6 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use crate::block::Limits;
-use crate::config::types::CpuList;
 
 /// virtio-blk sectors are always 512 bytes, whatever the logical block size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -117,7 +116,7 @@ impl VhostBlkConfig {
             return Err(format!("poll-us: {} is more than the maximum of {MAX_POLL_US}", self.poll_us));
         }
         if !self.cpu_affinity.is_empty() {
-            crate::runtime::affinity::check_available(&CpuList(self.cpu_affinity.clone())).map_err(|e| format!("cpu-affinity: {e}"))?;
+            crate::runtime::affinity::check_available(&self.cpu_affinity).map_err(|e| format!("cpu-affinity: {e}"))?;
         }
         Ok(())
     }
