@@ -39,6 +39,7 @@ deps:
 # the bench smoke run), the QMP tests with qemu.qmp, and the guest tests
 # against qemu-storage-daemon (cross-check) and blkstack.
 test: deps build
+	python3 bench/layout/check.py $(BIN) bench/layout/blkstack.order
 	$(CARGO) test --profile test-release --locked
 	bash tests/qmp/run.sh
 	bash tests/e2e/setup.sh
@@ -46,6 +47,7 @@ test: deps build
 	bash tests/e2e/run.sh --backend blkstack --blkstack $(BIN)
 
 test-unit: build
+	python3 bench/layout/check.py $(BIN) bench/layout/blkstack.order
 	$(CARGO) test --profile test-release --locked
 
 test-qmp: build

@@ -10,8 +10,9 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 # libclang-dev: libublk's bindgen; qemu-utils: qemu-img, qemu-io,
-# qemu-storage-daemon (tests, benchmark peer); python3-venv: the QMP tests.
-PKGS="libclang-dev qemu-utils python3-venv e2fsprogs util-linux pkg-config"
+# qemu-storage-daemon (tests, benchmark peer); python3-venv: the QMP tests;
+# binutils: nm and readelf for the code-layout check (bench/layout/check.py).
+PKGS="libclang-dev qemu-utils python3-venv binutils e2fsprogs util-linux pkg-config"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
