@@ -25,6 +25,9 @@ pub fn prepare_image(path: &Path, size: u64) -> Result<(), String> {
         }
     }
     eprintln!("compare: writing {} ({} MiB)", path.display(), size >> 20);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
     let mut f = File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let chunk: Vec<u8> = (0..1usize << 20)
         .map(|i| (i as u8).wrapping_mul(7) | 1)
@@ -311,5 +314,19 @@ mod tests {
         let (cached, pages) = resident_pages(&img);
         assert_eq!(cached, pages, "image not fully cached after reset");
         assert!(reset_page_cache(&dir.path().join("missing")).is_err());
+    }
+
+    /// A fresh checkout has no `bench/out/`: the image's folder is made,
+    /// and a second call finds the image already there.
+    #[test]
+    fn prepare_image_makes_its_folder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("out/sub/bench.img");
+        prepare_image(&img, 3 << 20).expect("prepare");
+        let m = fs::metadata(&img).expect("stat");
+        assert_eq!(m.len(), 3 << 20);
+        let before = m.modified().expect("mtime");
+        prepare_image(&img, 3 << 20).expect("again");
+        assert_eq!(fs::metadata(&img).expect("stat").modified().expect("mtime"), before);
     }
 }
