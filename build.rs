@@ -32,7 +32,10 @@ fn main() {
     for flag in lld {
         println!("cargo:rustc-link-arg-bin=blkstack={flag}");
     }
-    println!("cargo:rustc-link-arg-bin=blkstack=-Wl,--symbol-ordering-file={}", order.display());
+    println!(
+        "cargo:rustc-link-arg-bin=blkstack=-Wl,--symbol-ordering-file={}",
+        order.display()
+    );
     println!("cargo:rustc-link-arg-bin=blkstack=-Wl,--no-warn-symbol-ordering");
 }
 
@@ -43,11 +46,20 @@ fn main() {
 fn lld_flags() -> Option<Vec<String>> {
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let target = std::env::var("TARGET").ok()?;
-    let sysroot = Command::new(rustc).args(["--print", "sysroot"]).output().ok()?;
+    let sysroot = Command::new(rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()?;
     let sysroot = String::from_utf8(sysroot.stdout).ok()?;
-    let gcc_ld = Path::new(sysroot.trim()).join("lib/rustlib").join(target).join("bin/gcc-ld");
+    let gcc_ld = Path::new(sysroot.trim())
+        .join("lib/rustlib")
+        .join(target)
+        .join("bin/gcc-ld");
     if gcc_ld.join("ld.lld").is_file() {
-        return Some(vec![format!("-B{}", gcc_ld.display()), "-fuse-ld=lld".into()]);
+        return Some(vec![
+            format!("-B{}", gcc_ld.display()),
+            "-fuse-ld=lld".into(),
+        ]);
     }
     let on_path = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join("ld.lld").is_file()))
