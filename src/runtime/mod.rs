@@ -68,6 +68,16 @@ impl Runtime {
         Ok(Runtime { exec, reactor, live: Rc::new(Cell::new(0)) })
     }
 
+    /// A runtime whose ring lacks IORING_SETUP_SUBMIT_ALL, as on kernels
+    /// before 5.18.
+    #[cfg(test)]
+    fn without_submit_all() -> io::Result<Self> {
+        let exec = Executor::new()?;
+        let reactor = Reactor::build(RING_ENTRIES, RING_CQ_ENTRIES, exec.wake_raw_fd(), false)?;
+        Reactor::install(&reactor);
+        Ok(Runtime { exec, reactor, live: Rc::new(Cell::new(0)) })
+    }
+
     /// The fd to watch for readiness (task wake-ups and io_uring completions).
     pub fn wake_fd(&self) -> i32 {
         self.exec.wake_raw_fd()
@@ -187,6 +197,7 @@ pub async fn sleep(dur: std::time::Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
 
     #[test]
     fn a_task_that_panics_is_no_longer_live() {
@@ -226,5 +237,35 @@ mod tests {
         });
         let done = rx.recv_timeout(std::time::Duration::from_secs(20));
         assert_eq!(done, Ok(300), "every op completes");
+    }
+
+    /// An SQE the kernel refuses when it is submitted (an unknown
+    /// personality: EINVAL) completes with the error, and the SQE queued
+    /// behind it in the same submission still goes out and completes, with
+    /// SUBMIT_ALL and without it (then the kernel stops at the refused one
+    /// and the reactor submits the rest). Before, the second one sat in the
+    /// ring until some other submission, which here never comes.
+    #[test]
+    fn a_refused_submission_does_not_hold_back_the_next() {
+        for submit_all in [true, false] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let rt = if submit_all { Runtime::new() } else { Runtime::without_submit_all() }.expect("runtime");
+                let results = Rc::new(RefCell::new(Vec::new()));
+                for personality in [0xfffe_u16, 0] {
+                    let results = results.clone();
+                    rt.spawn(async move {
+                        let nop = io_uring::opcode::Nop::new().build().personality(personality);
+                        // SAFETY: a NOP refers to no memory.
+                        let res = unsafe { Op::new(nop) }.await;
+                        results.borrow_mut().push((personality, res));
+                    });
+                }
+                rt.drain();
+                let _ = tx.send(results.borrow().clone());
+            });
+            let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+            assert_eq!(got, Ok(vec![(0xfffe, -libc::EINVAL), (0, 0)]), "submit_all {submit_all}");
+        }
     }
 }

@@ -38,7 +38,16 @@ pub struct Reactor {
     free: RefCell<Vec<usize>>,
     unsubmitted: Cell<u32>,
     in_flight: Cell<usize>,
+    /// The eventfd completions signal (the thread's wake fd).
+    notify_fd: RawFd,
+    /// Submissions are failing (logged once until they work again).
+    failing: Cell<bool>,
 }
+
+/// Waits before retrying an `io_uring_enter` that failed for lack of kernel
+/// memory (EAGAIN, ENOMEM), and how many times in one [`Reactor::submit`].
+const SUBMIT_RETRY_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+const SUBMIT_RETRIES: u32 = 10;
 
 impl Reactor {
     /// Creates a ring of `entries` submission slots and `cq_entries`
@@ -47,8 +56,25 @@ impl Reactor {
     /// More operations than `cq_entries` may be in flight: the kernel keeps
     /// the completions that do not fit (IORING_FEAT_NODROP) and [`Reactor::reap`]
     /// flushes them into the ring.
+    ///
+    /// The ring is set up with IORING_SETUP_SUBMIT_ALL where the kernel has
+    /// it (5.18): an SQE the kernel refuses (it completes with the error)
+    /// does not stop the ones queued behind it; elsewhere
+    /// [`Reactor::submit`] submits the rest itself.
     pub fn new(entries: u32, cq_entries: u32, notify_fd: RawFd) -> io::Result<Rc<Self>> {
-        let ring = IoUring::builder().setup_cqsize(cq_entries).build(entries)?;
+        match Self::build(entries, cq_entries, notify_fd, true) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Self::build(entries, cq_entries, notify_fd, false),
+            r => r,
+        }
+    }
+
+    pub(super) fn build(entries: u32, cq_entries: u32, notify_fd: RawFd, submit_all: bool) -> io::Result<Rc<Self>> {
+        let mut builder = IoUring::builder();
+        builder.setup_cqsize(cq_entries);
+        if submit_all {
+            builder.setup_submit_all();
+        }
+        let ring = builder.build(entries)?;
         ring.submitter().register_eventfd(notify_fd)?;
         Ok(Rc::new(Reactor {
             ring: RefCell::new(ring),
@@ -56,6 +82,8 @@ impl Reactor {
             free: RefCell::new(Vec::new()),
             unsubmitted: Cell::new(0),
             in_flight: Cell::new(0),
+            notify_fd,
+            failing: Cell::new(false),
         }))
     }
 
@@ -111,28 +139,59 @@ impl Reactor {
         }
     }
 
+    /// Submits every queued SQE. A partial submission (the kernel refused an
+    /// SQE, without SUBMIT_ALL) goes on with the rest; a full completion
+    /// ring (EBUSY) is reaped first; a lack of kernel memory is retried a few
+    /// times. What is still queued after an error stays counted, so the
+    /// next call tries again.
     fn submit_now(&self) -> io::Result<()> {
-        self.unsubmitted.set(0);
-        let ring = self.ring.borrow();
+        let mut retries = 0;
         loop {
-            match ring.submit() {
-                Ok(_) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            // The ring's own count: what the kernel has not consumed yet.
+            let queued = self.ring.borrow_mut().submission().len();
+            self.unsubmitted.set(u32::try_from(queued).unwrap_or(u32::MAX));
+            if queued == 0 {
+                return Ok(());
+            }
+            let res = self.ring.borrow().submit();
+            match res {
+                Ok(0) => return Err(io::Error::other(format!("the kernel took none of {queued} queued submissions"))),
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    drop(ring);
                     self.reap();
-                    return self.submit_now();
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM)) && retries < SUBMIT_RETRIES => {
+                    retries += 1;
+                    std::thread::sleep(SUBMIT_RETRY_WAIT);
                 }
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// Submits every queued SQE with one system call.
+    /// Submits every queued SQE with one system call (more only after a
+    /// partial submission). If submitting fails, the queued SQEs stay in
+    /// the ring and the thread's wake fd is signalled, so its loop comes
+    /// back and tries again instead of sleeping with requests unsent.
     pub fn submit(&self) {
-        if self.unsubmitted.get() > 0 {
-            if let Err(e) = self.submit_now() {
-                log::error!("io_uring submit failed: {e}");
+        if self.unsubmitted.get() == 0 {
+            return;
+        }
+        match self.submit_now() {
+            Ok(()) => {
+                if self.failing.replace(false) {
+                    log::warn!("io_uring submissions work again");
+                }
+            }
+            Err(e) => {
+                if !self.failing.replace(true) {
+                    log::error!("io_uring submit failed, retrying: {e}");
+                }
+                let one = 1u64.to_ne_bytes();
+                // SAFETY: writes 8 bytes from a local array to an eventfd
+                // this reactor was created with and that outlives it.
+                unsafe { libc::write(self.notify_fd, one.as_ptr().cast(), one.len()) };
             }
         }
     }
@@ -162,9 +221,11 @@ impl Reactor {
                 }
                 // The crate's submit adds GETEVENTS when the overflow flag is
                 // set; it also submits anything queued, which is harmless.
-                self.unsubmitted.set(0);
                 match ring.submit() {
-                    Ok(_) => {}
+                    Ok(_) => {
+                        let left = ring.submission().len();
+                        self.unsubmitted.set(u32::try_from(left).unwrap_or(u32::MAX));
+                    }
                     Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                     Err(e) => {
                         log::error!("io_uring: cannot flush overflowed completions: {e}");
@@ -199,7 +260,6 @@ impl Reactor {
             if matches!(self.slots.borrow()[idx], Slot::Done(_) | Slot::Free) {
                 return;
             }
-            self.unsubmitted.set(0);
             let r = self.ring.borrow().submit_and_wait(1);
             if let Err(e) = r {
                 if e.raw_os_error() != Some(libc::EINTR) {
@@ -207,6 +267,8 @@ impl Reactor {
                     return;
                 }
             }
+            let left = self.ring.borrow_mut().submission().len();
+            self.unsubmitted.set(u32::try_from(left).unwrap_or(u32::MAX));
             self.reap();
         }
     }
