@@ -45,7 +45,8 @@ pub struct Reactor {
 }
 
 /// Waits before retrying an `io_uring_enter` that failed for lack of kernel
-/// memory (EAGAIN, ENOMEM), and how many times in one [`Reactor::submit`].
+/// memory (EAGAIN, ENOMEM) or took nothing, and how many times in one
+/// [`Reactor::submit`].
 const SUBMIT_RETRY_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 const SUBMIT_RETRIES: u32 = 10;
 
@@ -154,14 +155,20 @@ impl Reactor {
                 return Ok(());
             }
             let res = self.ring.borrow().submit();
+            let res = match res {
+                Ok(0) => Err(io::Error::other(format!("the kernel took none of {queued} queued submissions"))),
+                r => r,
+            };
             match res {
-                Ok(0) => return Err(io::Error::other(format!("the kernel took none of {queued} queued submissions"))),
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                     self.reap();
                 }
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM)) && retries < SUBMIT_RETRIES => {
+                // Out of kernel memory, or (never seen) nothing taken: wait
+                // a little, a few times, so that a retry loop through the
+                // wake fd cannot spin.
+                Err(e) if retries < SUBMIT_RETRIES && e.raw_os_error().is_none_or(|c| c == libc::EAGAIN || c == libc::ENOMEM) => {
                     retries += 1;
                     std::thread::sleep(SUBMIT_RETRY_WAIT);
                 }
