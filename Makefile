@@ -5,7 +5,7 @@ IMG ?= blkstack-default.img
 SOCK ?= $(CURDIR)/blkstack.sock
 QUEUES ?= 2
 
-.PHONY: all build run deps test test-unit test-qmp test-e2e bench clean
+.PHONY: all build run deps test test-unit test-qmp test-e2e bench layout clean
 
 all: build
 
@@ -60,6 +60,12 @@ test-e2e: build
 
 bench: build
 	bash bench/compare.sh
+
+# Regenerate bench/layout/blkstack.order (the daemon's code layout, see
+# build.rs) and relink with it.
+layout: deps
+	bash bench/layout/train.sh
+	$(CARGO) build --release --locked
 
 clean:
 	$(CARGO) clean

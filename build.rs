@@ -8,7 +8,8 @@
 //! the compiler's order made nearly the whole text resident.
 //!
 //! The list names mangled symbols; names it has that the binary lacks are
-//! skipped (the `code_layout` test says when too many are). The order only
+//! skipped (`bench/layout/check.py`, run by `make test`, says when too many
+//! are; `make layout` regenerates the list). The order only
 //! moves code: it cannot change what the program does.
 
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
     python3 bench/layout/check.py target/release/blkstack bench/layout/blkstack.order
 
 Fails when the list no longer matches the binary's functions (renamed by a
-dependency update or a new rustc: run `bash bench/layout/train.sh`), or when
+dependency update or a new rustc: run `make layout`), or when
 the linker did not follow it (build.rs found no lld, or the option was lost).
 Either way the daemon still works; what is lost is the small resident code
 that the benchmark's memory row measures.
@@ -56,7 +56,7 @@ def main(binary, order_file):
     if share < MIN_FOUND:
         problems.append(
             f"only {share:.0%} of the functions in {order_file} exist in {binary}: "
-            "the list is stale; run `bash bench/layout/train.sh` and commit the new list"
+            "the list is stale; run `make layout` and commit the new list"
         )
     elif order_share < MIN_IN_ORDER:
         problems.append(

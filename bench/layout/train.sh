@@ -17,15 +17,24 @@
 # NBD, so a daemon that only serves vhost-user-blk touches the fewest
 # windows.
 #
-# Needs gdb, qemu-io (qemu-utils) and python3. Run after a change that
-# renames many functions (a dependency update, a new rustc): the
-# `code_layout` test says when the list no longer matches the binary.
-#   bash bench/layout/train.sh     (about 2 minutes; then `make build`)
+# Needs gdb (installed here when missing), qemu-io (qemu-utils) and
+# python3. Run after a change that renames many functions (a dependency
+# update, a new rustc) or adds code to the serving path: `make test`
+# (bench/layout/check.py) says when the list no longer matches the binary.
+#   make layout     (or bash bench/layout/train.sh; about 30 s, then `make build`)
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$repo"
+if ! command -v gdb >/dev/null; then
+    # The one tool here that `make deps` does not install.
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+    echo "train.sh: installing gdb"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gdb
+fi
 for tool in gdb qemu-io python3 nm; do
-    command -v "$tool" >/dev/null || { echo "train.sh: needs $tool" >&2; exit 1; }
+    command -v "$tool" >/dev/null || { echo "train.sh: needs $tool (make deps installs it)" >&2; exit 1; }
 done
 cargo build --release --locked --bins
 bin="$repo/target/release/blkstack"
