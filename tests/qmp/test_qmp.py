@@ -2,6 +2,7 @@
 by qemu-io over NBD, by libblkio (through `blkstack bench`), and by a raw
 socket for what a well-behaved client never sends."""
 
+import asyncio
 import json
 import os
 import socket
@@ -63,6 +64,24 @@ async def expect_error(qmp, cmd, args, cls, desc=None):
     if desc is not None:
         assert str(e.value) == desc
     return str(e.value)
+
+
+async def export_del_once_unused(qmp, export_id, timeout=10.0):
+    """block-export-del (safe mode) once the export has no client.
+
+    A frontend that exits is noticed by the daemon a moment later, when its
+    connection thread reads the end of the socket (QEMU's vhost-user server
+    notices it in a coroutine the same way); until then the export is still
+    in use and safe mode refuses. A management tool retries; so does this.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return await qmp.execute("block-export-del", {"id": export_id})
+        except ExecuteError as e:
+            if "still in use" not in str(e) or asyncio.get_running_loop().time() > deadline:
+                raise
+        await asyncio.sleep(0.02)
 
 
 async def add_raw_node(qmp, d, name="disk0", size=8 * MIB):
@@ -380,7 +399,8 @@ def test_vhost_user_blk_export_and_resize(daemon):
         assert s["rd_operations"] > 0  # the benchmark's reads went through the node
         await expect_error(qmp, "blockdev-del", {"node-name": "disk0"}, "GenericError")
         with qmp.listener("BLOCK_EXPORT_DELETED") as events:
-            await qmp.execute("block-export-del", {"id": "vu0"})
+            # The benchmark client above has exited; wait until the daemon saw it go.
+            await export_del_once_unused(qmp, "vu0")
             assert (await events.get())["data"] == {"id": "vu0"}
         await qmp.execute("blockdev-del", {"node-name": "disk0"})
         await qmp.disconnect()
