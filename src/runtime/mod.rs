@@ -62,18 +62,20 @@ impl Runtime {
     }
 
     fn with_rings(entries: u32, cq_entries: u32) -> io::Result<Self> {
-        let exec = Executor::new()?;
-        let reactor = Reactor::new(entries, cq_entries, exec.wake_raw_fd())?;
-        Reactor::install(&reactor);
-        Ok(Runtime { exec, reactor, live: Rc::new(Cell::new(0)) })
+        Self::with_reactor(|fd| Reactor::new(entries, cq_entries, fd))
     }
 
     /// A runtime whose ring lacks IORING_SETUP_SUBMIT_ALL, as on kernels
     /// before 5.18.
     #[cfg(test)]
     fn without_submit_all() -> io::Result<Self> {
+        Self::with_reactor(|fd| Reactor::build(RING_ENTRIES, RING_CQ_ENTRIES, fd, false))
+    }
+
+    /// The runtime around the reactor `make` creates for the wake fd.
+    fn with_reactor(make: impl FnOnce(i32) -> io::Result<Rc<Reactor>>) -> io::Result<Self> {
         let exec = Executor::new()?;
-        let reactor = Reactor::build(RING_ENTRIES, RING_CQ_ENTRIES, exec.wake_raw_fd(), false)?;
+        let reactor = make(exec.wake_raw_fd())?;
         Reactor::install(&reactor);
         Ok(Runtime { exec, reactor, live: Rc::new(Cell::new(0)) })
     }
