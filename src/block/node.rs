@@ -15,7 +15,7 @@ use super::driver::{BlockDriver, BlockStatus, Caps, ChildRole, Limits};
 use super::error::{BlockError, BlockResult, ErrorKind};
 use super::iovec::{AlignedBuf, IoVecs};
 use super::request::{Tracker, WriteFlags};
-use super::stats::{IoKind, Stats, StatsSnapshot};
+use super::stats::{self, IoKind, Stats, StatsSnapshot};
 
 /// Size of the zero buffer used to emulate write-zeroes.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -238,7 +238,7 @@ impl BlockNode {
         if !self.passes_through(offset, len, buf) {
             return None;
         }
-        let start = Instant::now();
+        let start = stats::start_time();
         let r = self.driver.read_now(offset, buf)?;
         self.account(IoKind::Read, len, start, &r);
         Some(r)
@@ -255,7 +255,7 @@ impl BlockNode {
             return None;
         }
         let _guard = self.tracker.try_begin_fast()?;
-        let start = Instant::now();
+        let start = stats::start_time();
         let r = self.driver.write_now(offset, buf)?;
         if r.is_ok() {
             self.stats.wrote_up_to(offset + len);
@@ -266,7 +266,7 @@ impl BlockNode {
 
     /// Reads `buf.len()` bytes at `offset`.
     pub async fn read(&self, offset: u64, buf: &IoVecs) -> BlockResult<()> {
-        let start = Instant::now();
+        let start = stats::start_time();
         let len = buf.len() as u64;
         if let Err(e) = self.check_range(offset, len) {
             self.stats.invalid(IoKind::Read);
@@ -320,7 +320,7 @@ impl BlockNode {
 
     /// Writes `buf` at `offset`.
     pub async fn write(&self, offset: u64, buf: &IoVecs, flags: WriteFlags) -> BlockResult<()> {
-        let start = Instant::now();
+        let start = stats::start_time();
         let len = buf.len() as u64;
         if let Err(e) = self.check_writable().and_then(|_| self.check_range(offset, len)) {
             self.stats.invalid(IoKind::Write);
@@ -413,7 +413,7 @@ impl BlockNode {
 
     /// Makes `[offset, offset+len)` read as zeroes.
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, flags: WriteFlags) -> BlockResult<()> {
-        let start = Instant::now();
+        let start = stats::start_time();
         if let Err(e) = self.check_writable().and_then(|_| self.check_range(offset, len)) {
             self.stats.invalid(IoKind::Write);
             return Err(e);
@@ -472,7 +472,7 @@ impl BlockNode {
     /// the driver cannot, it succeeds without effect). Partial blocks at the
     /// ends are left alone.
     pub async fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
-        let start = Instant::now();
+        let start = stats::start_time();
         if let Err(e) = self.check_writable().and_then(|_| self.check_range(offset, len)) {
             self.stats.invalid(IoKind::Unmap);
             return Err(e);
@@ -501,7 +501,7 @@ impl BlockNode {
 
     /// Makes completed writes durable.
     pub async fn flush(&self) -> BlockResult<()> {
-        let start = Instant::now();
+        let start = stats::start_time();
         let r = self.flush_driver().await;
         self.account(IoKind::Flush, 0, start, &r);
         r

@@ -49,6 +49,7 @@ use super::config::{config_slice, protocol_features, virtio_features};
 use super::device::Device;
 use super::notify::{ConfigNotifier, Unavailable};
 use super::queue::QueueCtx;
+use crate::block::stats;
 use crate::runtime::{affinity, Runtime};
 
 /// Guest memory as the backend sees it.
@@ -340,6 +341,8 @@ impl Worker {
     fn step(&self, pop: bool, rearm: bool) -> usize {
         let sync = &self.sync;
         let mut total = 0;
+        // Request times chain within the round (one clock read per request).
+        let _burst = stats::Burst::begin();
         loop {
             let mut popped = 0;
             if pop {
