@@ -28,6 +28,7 @@ pub mod hist;
 pub mod procfs;
 pub mod result;
 pub mod run;
+pub mod wake;
 
 pub use args::{RunArgs, RwMode};
 pub use result::BenchResult;

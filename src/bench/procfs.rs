@@ -67,6 +67,30 @@ pub fn process_rss_kib(pid: u32) -> Result<u64, String> {
     parse_vm_rss_kib(&text).map_err(|e| format!("{path}: {e}"))
 }
 
+/// The `voluntary_ctxt_switches` line of `/proc/PID/task/TID/status` text.
+pub fn parse_voluntary_switches(text: &str) -> Result<u64, String> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+        .ok_or("no voluntary_ctxt_switches line")?;
+    let n = line["voluntary_ctxt_switches:".len()..].trim();
+    n.parse().map_err(|e| format!("voluntary_ctxt_switches '{n}': {e}"))
+}
+
+/// How many times the threads of process `pid` have gone to sleep (their
+/// voluntary context switches, summed over the threads alive now).
+pub fn process_sleeps(pid: u32) -> Result<u64, String> {
+    let dir = format!("/proc/{pid}/task");
+    let mut sum = 0u64;
+    for entry in fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))? {
+        let path = entry.map_err(|e| format!("{dir}: {e}"))?.path().join("status");
+        // A thread that exits while we look is skipped.
+        let Ok(text) = fs::read_to_string(&path) else { continue };
+        sum += parse_voluntary_switches(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(sum)
+}
+
 /// Aggregate host CPU times from the first line of `/proc/stat`, in ticks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HostCpu {
@@ -158,6 +182,16 @@ mod tests {
         let t = "Name:\tx\nVmPeak:\t  100 kB\nVmRSS:\t    2932 kB\nThreads:\t3\n";
         assert_eq!(parse_vm_rss_kib(t), Ok(2932));
         assert!(parse_vm_rss_kib("Name: x\n").is_err());
+    }
+
+    #[test]
+    fn voluntary_switches() {
+        let text = "Name:\tx\nvoluntary_ctxt_switches:\t1234\nnonvoluntary_ctxt_switches:\t5\n";
+        assert_eq!(parse_voluntary_switches(text), Ok(1234));
+        assert!(parse_voluntary_switches("Name:\tx\n").is_err());
+        assert!(parse_voluntary_switches("voluntary_ctxt_switches:\tmany\n").is_err());
+        // This process has at least the test thread, which has slept.
+        assert!(process_sleeps(std::process::id()).is_ok());
     }
 
     #[test]

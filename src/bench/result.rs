@@ -78,6 +78,10 @@ pub struct Backend {
     pub cpu_s_per_s: Option<f64>,
     /// VmRSS at the end of the measured time, KiB.
     pub rss_kib: Option<u64>,
+    /// Times per second its threads went to sleep (voluntary context
+    /// switches, all threads): each is a wake-up the backend paid for.
+    #[serde(default)]
+    pub sleeps_per_s: Option<f64>,
     /// Why a figure is missing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -182,10 +186,11 @@ impl BenchResult {
         );
         if let Some(b) = &self.backend {
             s += &format!(
-                "  backend     pid {}  CPU {} s/s  RSS {}\n",
+                "  backend     pid {}  CPU {} s/s  RSS {}  sleeps {}\n",
                 b.pid,
                 opt(b.cpu_s_per_s, 2, ""),
                 opt(b.rss_kib.map(|k| k as f64 / 1024.0), 1, " MiB"),
+                opt(b.sleeps_per_s, 0, "/s"),
             );
             for n in &b.notes {
                 s += &format!("  backend     {n}\n");

@@ -19,6 +19,7 @@ struct Snapshot {
     host: Result<HostCpu, String>,
     backend_cpu: Option<Result<f64, String>>,
     backend_rss_kib: Option<Result<u64, String>>,
+    backend_sleeps: Option<Result<u64, String>>,
     client_cpu: Result<f64, String>,
 }
 
@@ -29,6 +30,7 @@ impl Snapshot {
             host: HostCpu::read(),
             backend_cpu: pid.map(procfs::process_cpu_seconds),
             backend_rss_kib: pid.map(procfs::process_rss_kib),
+            backend_sleeps: pid.map(procfs::process_sleeps),
             client_cpu: procfs::process_cpu_seconds(std::process::id()),
         }
     }
@@ -299,6 +301,11 @@ fn backend_figures(pid: u32, start: &Snapshot, end: &Snapshot, secs: f64) -> Bac
         Some(Ok(v)) => b.cpu_s_per_s = Some(v),
         Some(Err(e)) => b.notes.push(format!("CPU: {e}")),
         None => {}
+    }
+    match (&start.backend_sleeps, &end.backend_sleeps) {
+        (Some(Ok(n0)), Some(Ok(n1))) => b.sleeps_per_s = Some(n1.saturating_sub(*n0) as f64 / secs),
+        (Some(Err(e)), _) | (_, Some(Err(e))) => b.notes.push(format!("sleeps: {e}")),
+        _ => {}
     }
     match &end.backend_rss_kib {
         Some(Ok(k)) => b.rss_kib = Some(*k),

@@ -145,6 +145,9 @@ pub struct Machine {
     pub load_before: f64,
     /// Same after the last run.
     pub load_after: f64,
+    /// What waking a thread costs here (measured before the runs).
+    #[serde(default)]
+    pub wake: Option<crate::bench::wake::WakeProbe>,
 }
 
 /// Everything a comparison produced (`bench/out/results.json`).
@@ -335,6 +338,7 @@ fn machine(tools: &Tools) -> Machine {
         },
         load_before: super::procfs::loadavg_1m().unwrap_or(0.0),
         load_after: 0.0,
+        wake: None,
     }
 }
 
@@ -483,6 +487,8 @@ fn run_all(args: &CompareArgs) -> Result<CompareOutput, String> {
     workloads.retain(|w| !w.backends.is_empty());
     let (out_dir, logs, socket, image) = prepare_paths(args)?;
     let mut machine = machine(&tools);
+    let each = if args.quick { Duration::from_millis(200) } else { Duration::from_secs(1) };
+    machine.wake = Some(crate::bench::wake::probe(each));
     let total: usize = workloads.iter().map(|w| w.backends.len()).sum::<usize>() * rounds;
     let budget = args.retry_budget.unwrap_or(total.div_ceil(6));
     let ctx = Ctx {
@@ -627,7 +633,8 @@ fn run_with_retries(
     rec
 }
 
-/// Profiles blkstack with `perf` on the QD32 and QD1 random-read workloads
+/// Profiles blkstack with `perf` on the QD32 and QD1 random reads, the QD32
+/// random writes and the `null` row
 /// (separate runs, not counted in the figures).
 fn profile_blkstack(
     ctx: &Ctx,
@@ -639,7 +646,7 @@ fn profile_blkstack(
         return Vec::new();
     }
     let mut v = Vec::new();
-    for id in ["rr32", "rr1", "rw32"] {
+    for id in ["rr32", "rr1", "rw32", "null"] {
         let Some(w) = workloads.iter().find(|w| w.id == id) else {
             continue;
         };

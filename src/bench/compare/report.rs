@@ -32,6 +32,8 @@ pub struct Stats {
     pub iops_per_cpu: Option<f64>,
     /// Backend RSS at the end, MiB.
     pub rss_mib: Option<f64>,
+    /// Times the backend's threads went to sleep per 1000 requests.
+    pub sleeps_per_kreq: Option<f64>,
     /// Host steal, %, median.
     pub steal: f64,
     /// Host steal, %, worst run.
@@ -78,6 +80,10 @@ fn stats(records: &[&RunRecord]) -> Stats {
                 .and_then(|b| b.rss_kib)
                 .map(|k| k as f64 / 1024.0)
         }),
+        sleeps_per_kreq: col(&|r| {
+            let z = r.backend.as_ref().and_then(|b| b.sleeps_per_s)?;
+            (r.iops > 0.0).then(|| z / r.iops * 1000.0)
+        }),
         steal: median(steals.clone()).unwrap_or(0.0),
         steal_max: steals.iter().copied().fold(0.0, f64::max),
     }
@@ -121,7 +127,7 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 
 type Col = (&'static str, fn(&Stats) -> Option<f64>);
 
-const COLS: [Col; 9] = [
+const COLS: [Col; 10] = [
     ("IOPS", |s| Some(s.iops)),
     ("MiB/s", |s| Some(s.mib_s)),
     ("p50 µs", |s| Some(s.p50)),
@@ -130,6 +136,7 @@ const COLS: [Col; 9] = [
     ("CPU s/s", |s| s.cpu),
     ("IOPS/CPU-s", |s| s.iops_per_cpu),
     ("RSS MiB", |s| s.rss_mib),
+    ("sleeps/1k req", |s| s.sleeps_per_kreq),
     ("steal %", |s| Some(s.steal)),
 ];
 
@@ -434,9 +441,73 @@ fn machine_section(s: &mut String, out: &CompareOutput) {
         median(busy).unwrap_or(0.0),
         m.cpus
     );
+    if let Some(w) = &m.wake {
+        wake_lines(s, w);
+    }
     for n in &out.notes {
         let _ = writeln!(s, "- Note: {n}");
     }
+}
+
+fn ping_pong_line(p: &crate::bench::wake::PingPong) -> String {
+    format!(
+        "round trip {:.1} µs; CPU per round trip {:.1} µs (sleeping side: epoll_wait, read, write) and {:.1} µs (other side)",
+        p.round_trip_us, p.server_cpu_us, p.client_cpu_us
+    )
+}
+
+fn wake_lines(s: &mut String, w: &crate::bench::wake::WakeProbe) {
+    let _ = writeln!(
+        s,
+        "- Wake-up cost (two threads passing a token through eventfds, as a vhost-user frontend and a backend that sleeps do):"
+    );
+    if let Some(p) = &w.cross_cpu {
+        let _ = writeln!(s, "  - on CPUs {} and {}: {}.", p.client_cpu, p.server_cpu, ping_pong_line(p));
+    }
+    if let Some(p) = &w.same_cpu {
+        let _ = writeln!(s, "  - both on CPU {}: {}.", p.client_cpu, ping_pong_line(p));
+    }
+    for n in &w.notes {
+        let _ = writeln!(s, "  - {n}");
+    }
+}
+
+/// What the machine's wake-up cost allows in the `null` row, under the
+/// targets, when the row was run and the probe measured two CPUs.
+fn null_limits(s: &mut String, out: &CompareOutput, st: &BTreeMap<(String, String), Stats>) {
+    let Some(p) = out.machine.wake.as_ref().and_then(|w| w.cross_cpu) else {
+        return;
+    };
+    let Some(w) = plan::workloads().into_iter().find(|w| w.id == "null") else {
+        return;
+    };
+    if !out.workloads.iter().any(|x| x == w.id) {
+        return;
+    }
+    let get = |b: &str| st.get(&(w.id.to_string(), b.to_string())).filter(|x| x.n > 0);
+    let (Some(bs), Some(q)) = (get("blkstack"), get("qsd")) else {
+        return;
+    };
+    let _ = writeln!(
+        s,
+        "\n**What bounds the `null` row on this machine.** A backend that sleeps between batches pays, per batch of {qd}, \
+         at least one cross-CPU round trip of wall time ({rt:.1} µs) and one wake-up of its own CPU time ({cpu:.1} µs), \
+         however little it does per request: at most {max} IOPS and {maxc} IOPS per CPU-s with no work at all \
+         (the targets ask for {q_iops} IOPS and {q_eff2} IOPS per CPU-s). blkstack slept {bz} times per 1000 requests \
+         (once per {per} requests); QSD, at {qus:.2} µs of CPU per request, slept {qz} times per 1000: it is mostly \
+         still busy when the next batch arrives and so rarely pays the wake-up.",
+        qd = w.iodepth,
+        rt = p.round_trip_us,
+        cpu = p.server_cpu_us,
+        max = num(p.max_iops(w.iodepth)),
+        maxc = num(p.max_iops_per_cpu_s(w.iodepth)),
+        q_iops = num(q.iops),
+        q_eff2 = q.iops_per_cpu.map_or("–".into(), |e| num(2.0 * e)),
+        bz = opt(bs.sleeps_per_kreq),
+        per = bs.sleeps_per_kreq.filter(|z| *z > 0.0).map_or("–".into(), |z| num(1000.0 / z)),
+        qz = opt(q.sleeps_per_kreq),
+        qus = q.cpu.map_or(0.0, |c| c / q.iops.max(1.0) * 1e6),
+    );
 }
 
 fn method_section(s: &mut String, out: &CompareOutput) {
@@ -459,7 +530,8 @@ fn method_section(s: &mut String, out: &CompareOutput) {
          read back with readahead off at the start, pre-read the same way before every run, since the folio \
          size decides what ext4 spends on a 4 KiB buffered write; the O_DIRECT row opens it with `cache.direct=on` / `direct=true`); backends alternate, the first \
          rotating each round; the image is synced after runs that write. Figures are medians over the rounds; \
-         CPU is the backend's utime+stime per wall second; RSS is VmRSS at the end of the measured time."
+         CPU is the backend's utime+stime per wall second; RSS is VmRSS at the end of the measured time; \
+         sleeps are the backend threads' voluntary context switches (each one a wake-up it pays for) per 1000 requests."
     );
     let _ = writeln!(
         s,
@@ -628,6 +700,7 @@ pub fn markdown(out: &CompareOutput, links: &Links) -> String {
         let _ = writeln!(s, "| {} | {} | {met} |", t.what, t.measured);
     }
     let _ = writeln!(s, "{}", scaling_target(&st, out.machine.cpus));
+    null_limits(&mut s, out, &st);
     let _ = writeln!(s, "\n## Results (medians of {} round(s))", out.rounds);
     for w in &ws {
         workload_table(&mut s, w, &st);

@@ -41,6 +41,7 @@ fn result(iops: f64, p50: f64, cpu: f64, rss_kib: u64) -> BenchResult {
             pid: 1,
             cpu_s_per_s: Some(cpu),
             rss_kib: Some(rss_kib),
+            sleeps_per_s: Some(iops / 32.0),
             notes: vec![],
         }),
         host: Host {
@@ -181,4 +182,36 @@ fn utc_format() {
     let s = utc_now();
     assert_eq!(s.len(), 16, "{s}");
     assert!(s.starts_with("20"), "{s}");
+}
+
+/// With the wake-up probe and both `null` rows, the report derives the
+/// bounds a sleeping backend cannot pass; without the probe (an older
+/// results.json) it says nothing about them.
+#[test]
+fn null_row_gets_the_wake_up_bounds() {
+    let mut out = output();
+    for r in out.records.iter_mut().filter(|r| r.workload == "null" && r.backend == "blkstack") {
+        r.error = None;
+        r.result = Some(result(500_000.0, 60.0, 0.4, 2048));
+    }
+    let plain = report::markdown(&out, &report::Links::default());
+    assert!(!plain.contains("What bounds"), "{plain}");
+    let pp = |cpu: u16| crate::bench::wake::PingPong {
+        client_cpu: 0,
+        server_cpu: cpu,
+        round_trips: 1000,
+        round_trip_us: 64.0,
+        server_cpu_us: 20.0,
+        client_cpu_us: 19.0,
+    };
+    out.machine.wake = Some(crate::bench::wake::WakeProbe { cross_cpu: Some(pp(1)), same_cpu: Some(pp(0)), notes: vec![] });
+    let md = report::markdown(&out, &report::Links::default());
+    // 32 / 64 µs = 500k IOPS; 32 / 20 µs = 1.6M IOPS per CPU-s; QSD's
+    // 290k at 0.97 CPU is 299k per CPU-s, so the target is 598k.
+    assert!(md.contains("at most 500k IOPS and 1600k IOPS per CPU-s"), "{md}");
+    assert!(md.contains("the targets ask for 290k IOPS and 598k IOPS per CPU-s"), "{md}");
+    // The test results sleep once per 32 requests.
+    assert!(md.contains("blkstack slept 31.2 times per 1000 requests (once per 32.0 requests)"), "{md}");
+    assert!(md.contains("- Wake-up cost") && md.contains("on CPUs 0 and 1: round trip 64.0 µs"), "{md}");
+    assert!(md.contains("| backend | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | CPU s/s | IOPS/CPU-s | RSS MiB | sleeps/1k req |"), "{md}");
 }

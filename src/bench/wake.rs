@@ -1,0 +1,236 @@
+//! What waking a thread costs on this machine: two threads pass a token back
+//! and forth through eventfds, the way a vhost-user frontend and a backend
+//! that sleeps between batches notify each other (the "server" side waits
+//! in `epoll_wait`, reads its eventfd and writes the other one; the
+//! "client" side writes and then blocks in `read`). Measured with the two
+//! threads pinned to two different CPUs, and to one CPU.
+//!
+//! The figures bound every backend that sleeps once per batch: a batch of
+//! `iodepth` requests costs at least one round trip of wall time and one
+//! server-side wake-up of CPU time, however little the backend does per
+//! request. `blkstack bench compare` prints them beside the `null` row.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::affinity;
+
+/// One ping-pong measurement.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct PingPong {
+    /// The client thread's CPU.
+    pub client_cpu: u16,
+    /// The server thread's CPU.
+    pub server_cpu: u16,
+    /// Round trips made.
+    pub round_trips: u64,
+    /// Wall time per round trip, microseconds.
+    pub round_trip_us: f64,
+    /// The server thread's CPU time per round trip (one sleep, one wake-up,
+    /// one eventfd read and one write), microseconds.
+    pub server_cpu_us: f64,
+    /// The client thread's CPU time per round trip, microseconds.
+    pub client_cpu_us: f64,
+}
+
+/// Both measurements.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WakeProbe {
+    /// Client and server on two CPUs (absent on a one-CPU machine).
+    pub cross_cpu: Option<PingPong>,
+    /// Client and server on one CPU.
+    pub same_cpu: Option<PingPong>,
+    /// Why a measurement is missing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+impl PingPong {
+    /// The most IOPS a backend that sleeps once per batch of `iodepth`
+    /// requests can serve (one round trip per batch).
+    pub fn max_iops(&self, iodepth: u32) -> f64 {
+        f64::from(iodepth) / (self.round_trip_us * 1e-6)
+    }
+
+    /// The most IOPS per backend CPU-second such a backend can reach (one
+    /// server-side wake-up per batch, nothing else).
+    pub fn max_iops_per_cpu_s(&self, iodepth: u32) -> f64 {
+        f64::from(iodepth) / (self.server_cpu_us * 1e-6)
+    }
+}
+
+/// Measures both placements for about `each` of wall time apiece.
+pub fn probe(each: Duration) -> WakeProbe {
+    let mut out = WakeProbe::default();
+    let cpus = match affinity::allowed_cpus() {
+        Ok(c) => c.0,
+        Err(e) => {
+            out.notes.push(format!("cannot read the CPU affinity: {e}"));
+            return out;
+        }
+    };
+    let Some(&first) = cpus.first() else {
+        out.notes.push("no CPU to run on".into());
+        return out;
+    };
+    match cpus.get(1) {
+        Some(&second) => match ping_pong(first, second, each) {
+            Ok(p) => out.cross_cpu = Some(p),
+            Err(e) => out.notes.push(format!("two CPUs: {e}")),
+        },
+        None => out.notes.push("one CPU only: no cross-CPU figure".into()),
+    }
+    match ping_pong(first, first, each) {
+        Ok(p) => out.same_cpu = Some(p),
+        Err(e) => out.notes.push(format!("one CPU: {e}")),
+    }
+    out
+}
+
+fn eventfd(flags: i32) -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn write_one(fd: i32) -> io::Result<()> {
+    let v = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live local buffer.
+    if unsafe { libc::write(fd, v.as_ptr().cast(), 8) } != 8 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn read_one(fd: i32) -> io::Result<u64> {
+    let mut v = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into a live local buffer.
+    if unsafe { libc::read(fd, v.as_mut_ptr().cast(), 8) } != 8 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::from_ne_bytes(v))
+}
+
+fn thread_cpu_s() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// The server: wait in epoll for the ping, read it, answer; until it reads
+/// the stop value. Returns its CPU seconds and round trips.
+fn server(cpu: u16, ping: &OwnedFd, pong: &OwnedFd) -> io::Result<(f64, u64)> {
+    affinity::pin_current_thread(cpu)?;
+    // SAFETY: epoll_create1 takes no pointers.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `ep` is a new descriptor nobody else owns.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+    let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 0 };
+    // SAFETY: `ev` is a valid epoll_event; both fds are open.
+    if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, ping.as_raw_fd(), &mut ev) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let t0 = thread_cpu_s();
+    let mut n = 0u64;
+    loop {
+        // SAFETY: room for one event in `ev`.
+        let r = unsafe { libc::epoll_wait(ep.as_raw_fd(), &mut ev, 1, 5000) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no ping for 5 s"));
+        }
+        if read_one(ping.as_raw_fd())? > 1 {
+            return Ok((thread_cpu_s() - t0, n));
+        }
+        n += 1;
+        write_one(pong.as_raw_fd())?;
+    }
+}
+
+fn ping_pong(client_cpu: u16, server_cpu: u16, each: Duration) -> Result<PingPong, String> {
+    let ping = eventfd(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+    let pong = eventfd(0).map_err(|e| format!("eventfd: {e}"))?;
+    thread::scope(|s| {
+        let srv = s.spawn(|| server(server_cpu, &ping, &pong));
+        let run = || -> io::Result<(f64, f64, u64)> {
+            affinity::pin_current_thread(client_cpu)?;
+            // Warm up (both threads placed and running), then measure.
+            for _ in 0..200 {
+                write_one(ping.as_raw_fd())?;
+                read_one(pong.as_raw_fd())?;
+            }
+            let (t0, c0) = (Instant::now(), thread_cpu_s());
+            let mut n = 0u64;
+            while t0.elapsed() < each {
+                for _ in 0..100 {
+                    write_one(ping.as_raw_fd())?;
+                    read_one(pong.as_raw_fd())?;
+                }
+                n += 100;
+            }
+            Ok((t0.elapsed().as_secs_f64(), thread_cpu_s() - c0, n))
+        };
+        // The client runs in a thread of its own too: pinning the caller
+        // would pin every process it starts afterwards (the backends).
+        let client = s.spawn(run).join().map_err(|_| "the client thread panicked".to_string())?;
+        // Stop the server whatever happened (a value above 1 means stop; a
+        // pending ping adds to it, which still reads as stop).
+        let stop = 2u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live local buffer.
+        unsafe { libc::write(ping.as_raw_fd(), stop.as_ptr().cast(), 8) };
+        let server = srv.join().map_err(|_| "the server thread panicked".to_string())?;
+        let (wall, client_cpu_s, n) = client.map_err(|e| format!("client: {e}"))?;
+        let (server_cpu_s, served) = server.map_err(|e| format!("server: {e}"))?;
+        // The server's clock ran over the warm-up too: divide by every
+        // round trip it served.
+        let total = served.max(1);
+        Ok(PingPong {
+            client_cpu,
+            server_cpu,
+            round_trips: n,
+            round_trip_us: wall / n.max(1) as f64 * 1e6,
+            server_cpu_us: server_cpu_s / total as f64 * 1e6,
+            client_cpu_us: client_cpu_s / n.max(1) as f64 * 1e6,
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_pong_measures_round_trips() {
+        let before = affinity::allowed_cpus().expect("affinity");
+        let p = probe(Duration::from_millis(50));
+        assert_eq!(affinity::allowed_cpus().expect("affinity"), before, "the caller is not pinned");
+        let same = p.same_cpu.expect("one-CPU figure");
+        assert!(same.round_trips >= 100, "{same:?}");
+        assert!(same.round_trip_us > 0.0 && same.server_cpu_us > 0.0 && same.client_cpu_us > 0.0, "{same:?}");
+        assert_eq!(same.client_cpu, same.server_cpu);
+        if let Some(cross) = p.cross_cpu {
+            assert_ne!(cross.client_cpu, cross.server_cpu);
+            assert!(cross.round_trips >= 100, "{cross:?}");
+        }
+        // The bounds follow from the figures.
+        assert!((same.max_iops(32) - 32.0 / (same.round_trip_us * 1e-6)).abs() < 1e-6);
+    }
+}
