@@ -74,7 +74,8 @@ pub fn parse_voluntary_switches(text: &str) -> Result<u64, String> {
         .find(|l| l.starts_with("voluntary_ctxt_switches:"))
         .ok_or("no voluntary_ctxt_switches line")?;
     let n = line["voluntary_ctxt_switches:".len()..].trim();
-    n.parse().map_err(|e| format!("voluntary_ctxt_switches '{n}': {e}"))
+    n.parse()
+        .map_err(|e| format!("voluntary_ctxt_switches '{n}': {e}"))
 }
 
 /// How many times the threads of process `pid` have gone to sleep (their
@@ -83,9 +84,14 @@ pub fn process_sleeps(pid: u32) -> Result<u64, String> {
     let dir = format!("/proc/{pid}/task");
     let mut sum = 0u64;
     for entry in fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))? {
-        let path = entry.map_err(|e| format!("{dir}: {e}"))?.path().join("status");
+        let path = entry
+            .map_err(|e| format!("{dir}: {e}"))?
+            .path()
+            .join("status");
         // A thread that exits while we look is skipped.
-        let Ok(text) = fs::read_to_string(&path) else { continue };
+        let Ok(text) = fs::read_to_string(&path) else {
+            continue;
+        };
         sum += parse_voluntary_switches(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(sum)

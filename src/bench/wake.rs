@@ -120,7 +120,10 @@ fn read_one(fd: i32) -> io::Result<u64> {
 }
 
 fn thread_cpu_s() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
@@ -137,9 +140,20 @@ fn server(cpu: u16, ping: &OwnedFd, pong: &OwnedFd) -> io::Result<(f64, u64)> {
     }
     // SAFETY: `ep` is a new descriptor nobody else owns.
     let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-    let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 0 };
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: 0,
+    };
     // SAFETY: `ev` is a valid epoll_event; both fds are open.
-    if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, ping.as_raw_fd(), &mut ev) } != 0 {
+    if unsafe {
+        libc::epoll_ctl(
+            ep.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            ping.as_raw_fd(),
+            &mut ev,
+        )
+    } != 0
+    {
         return Err(io::Error::last_os_error());
     }
     let t0 = thread_cpu_s();
@@ -190,13 +204,18 @@ fn ping_pong(client_cpu: u16, server_cpu: u16, each: Duration) -> Result<PingPon
         };
         // The client runs in a thread of its own too: pinning the caller
         // would pin every process it starts afterwards (the backends).
-        let client = s.spawn(run).join().map_err(|_| "the client thread panicked".to_string())?;
+        let client = s
+            .spawn(run)
+            .join()
+            .map_err(|_| "the client thread panicked".to_string())?;
         // Stop the server whatever happened (a value above 1 means stop; a
         // pending ping adds to it, which still reads as stop).
         let stop = 2u64.to_ne_bytes();
         // SAFETY: writes 8 bytes from a live local buffer.
         unsafe { libc::write(ping.as_raw_fd(), stop.as_ptr().cast(), 8) };
-        let server = srv.join().map_err(|_| "the server thread panicked".to_string())?;
+        let server = srv
+            .join()
+            .map_err(|_| "the server thread panicked".to_string())?;
         let (wall, client_cpu_s, n) = client.map_err(|e| format!("client: {e}"))?;
         let (server_cpu_s, served) = server.map_err(|e| format!("server: {e}"))?;
         // The server's clock ran over the warm-up too: divide by every
@@ -221,10 +240,17 @@ mod tests {
     fn ping_pong_measures_round_trips() {
         let before = affinity::allowed_cpus().expect("affinity");
         let p = probe(Duration::from_millis(50));
-        assert_eq!(affinity::allowed_cpus().expect("affinity"), before, "the caller is not pinned");
+        assert_eq!(
+            affinity::allowed_cpus().expect("affinity"),
+            before,
+            "the caller is not pinned"
+        );
         let same = p.same_cpu.expect("one-CPU figure");
         assert!(same.round_trips >= 100, "{same:?}");
-        assert!(same.round_trip_us > 0.0 && same.server_cpu_us > 0.0 && same.client_cpu_us > 0.0, "{same:?}");
+        assert!(
+            same.round_trip_us > 0.0 && same.server_cpu_us > 0.0 && same.client_cpu_us > 0.0,
+            "{same:?}"
+        );
         assert_eq!(same.client_cpu, same.server_cpu);
         if let Some(cross) = p.cross_cpu {
             assert_ne!(cross.client_cpu, cross.server_cpu);

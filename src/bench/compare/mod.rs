@@ -700,7 +700,14 @@ fn run_once_with(
     hook: Option<Hook>,
 ) -> Result<BenchResult, String> {
     let blog = ctx.logs.join(format!("{tag}.backend.log"));
-    let mut backend = Backend::start(prog, bargs, &ctx.socket, &blog)?;
+    // One-CPU rows: the first CPU this process may run on.
+    let cpu = if w.one_cpu {
+        let cpus = crate::runtime::affinity::allowed_cpus().map_err(|e| format!("CPU affinity: {e}"))?;
+        Some(*cpus.0.first().ok_or("no CPU to run on")?)
+    } else {
+        None
+    };
+    let mut backend = Backend::start(prog, bargs, &ctx.socket, &blog, cpu)?;
     let cargs: Vec<String> = vec![
         "--socket".into(),
         ctx.socket.to_string_lossy().into_owned(),
@@ -725,7 +732,7 @@ fn run_once_with(
     let json = ctx.logs.join(format!("{tag}.json"));
     let clog = ctx.logs.join(format!("{tag}.client.log"));
     let limit = Duration::from_secs_f64(ctx.seconds + ctx.ramp + 30.0);
-    let r = runner::run_client(&ctx.tools.exe, &cargs, &json, limit, &clog, |_| {
+    let r = runner::run_client(&ctx.tools.exe, &cargs, &json, limit, &clog, cpu, |_| {
         hook.map(|h| h(backend.pid(), ctx.ramp, ctx.seconds))
     });
     // CH exits by itself once the client is gone; the others are stopped.

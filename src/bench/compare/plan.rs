@@ -116,6 +116,9 @@ pub struct WorkloadSpec {
     pub throughput: bool,
     /// Part of `--quick`.
     pub quick: bool,
+    /// Client and backend run on one CPU (the first this process may use):
+    /// what a backend costs per request when waking the other side is cheap.
+    pub one_cpu: bool,
     /// Backends, blkstack first.
     pub backends: Vec<BackendSpec>,
 }
@@ -154,6 +157,7 @@ fn wl(
         poll,
         throughput: bs >= M1,
         quick,
+        one_cpu: false,
         backends,
     }
 }
@@ -191,6 +195,25 @@ pub fn workloads() -> Vec<WorkloadSpec> {
             poll: false,
         },
     ];
+    let null_row = wl(
+        "null",
+        "null 4k randread QD32",
+        Randread,
+        K4,
+        32,
+        1,
+        Null,
+        false,
+        true,
+        null,
+    );
+    let null_one_cpu = WorkloadSpec {
+        id: "null-1cpu",
+        title: "null 4k randread QD32, client and backend on one CPU",
+        quick: false,
+        one_cpu: true,
+        ..null_row.clone()
+    };
     vec![
         wl(
             "rr1",
@@ -300,18 +323,8 @@ pub fn workloads() -> Vec<WorkloadSpec> {
             true,
             direct,
         ),
-        wl(
-            "null",
-            "null 4k randread QD32",
-            Randread,
-            K4,
-            32,
-            1,
-            Null,
-            false,
-            true,
-            null,
-        ),
+        null_row,
+        null_one_cpu,
         wl(
             "mq2",
             "4k randread QD32, 2 queues",

@@ -462,10 +462,21 @@ fn wake_lines(s: &mut String, w: &crate::bench::wake::WakeProbe) {
         "- Wake-up cost (two threads passing a token through eventfds, as a vhost-user frontend and a backend that sleeps do):"
     );
     if let Some(p) = &w.cross_cpu {
-        let _ = writeln!(s, "  - on CPUs {} and {}: {}.", p.client_cpu, p.server_cpu, ping_pong_line(p));
+        let _ = writeln!(
+            s,
+            "  - on CPUs {} and {}: {}.",
+            p.client_cpu,
+            p.server_cpu,
+            ping_pong_line(p)
+        );
     }
     if let Some(p) = &w.same_cpu {
-        let _ = writeln!(s, "  - both on CPU {}: {}.", p.client_cpu, ping_pong_line(p));
+        let _ = writeln!(
+            s,
+            "  - both on CPU {}: {}.",
+            p.client_cpu,
+            ping_pong_line(p)
+        );
     }
     for n in &w.notes {
         let _ = writeln!(s, "  - {n}");
@@ -484,7 +495,10 @@ fn null_limits(s: &mut String, out: &CompareOutput, st: &BTreeMap<(String, Strin
     if !out.workloads.iter().any(|x| x == w.id) {
         return;
     }
-    let get = |b: &str| st.get(&(w.id.to_string(), b.to_string())).filter(|x| x.n > 0);
+    let get = |b: &str| {
+        st.get(&(w.id.to_string(), b.to_string()))
+            .filter(|x| x.n > 0)
+    };
     let (Some(bs), Some(q)) = (get("blkstack"), get("qsd")) else {
         return;
     };
@@ -508,6 +522,25 @@ fn null_limits(s: &mut String, out: &CompareOutput, st: &BTreeMap<(String, Strin
         qz = opt(q.sleeps_per_kreq),
         qus = q.cpu.map_or(0.0, |c| c / q.iops.max(1.0) * 1e6),
     );
+    let one = |b: &str| {
+        st.get(&("null-1cpu".to_string(), b.to_string()))
+            .filter(|x| x.n > 0)
+    };
+    if let (Some(bs1), Some(q1)) = (one("blkstack"), one("qsd")) {
+        let same = out.machine.wake.as_ref().and_then(|w| w.same_cpu);
+        let _ = writeln!(
+            s,
+            "With client and backend on one CPU (`null-1cpu`{}), blkstack did {} IOPS against QSD's {} ({}) and {} IOPS \
+             per CPU-s against {} ({}).",
+            same.map_or(String::new(), |p| format!(", where a wake-up costs {:.1} µs of CPU", p.server_cpu_us)),
+            num(bs1.iops),
+            num(q1.iops),
+            ratio(Some(bs1.iops), Some(q1.iops)),
+            opt(bs1.iops_per_cpu),
+            opt(q1.iops_per_cpu),
+            ratio(bs1.iops_per_cpu, q1.iops_per_cpu),
+        );
+    }
 }
 
 fn method_section(s: &mut String, out: &CompareOutput) {

@@ -99,6 +99,24 @@ pub fn sync_image(path: &Path) -> Result<(), String> {
         .map_err(|e| format!("{}: sync: {e}", path.display()))
 }
 
+/// Restricts the process `cmd` starts (and its threads) to `cpu`.
+fn on_cpu(cmd: &mut Command, cpu: Option<u16>) {
+    use std::os::unix::process::CommandExt;
+    let Some(cpu) = cpu else { return };
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // makes a system call on a local cpu_set_t (async-signal-safe).
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(usize::from(cpu), &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A running backend.
 pub struct Backend {
     child: Child,
@@ -114,6 +132,7 @@ impl Backend {
         args: &[String],
         socket: &Path,
         log: &Path,
+        cpu: Option<u16>,
     ) -> Result<Backend, String> {
         match fs::remove_file(socket) {
             Ok(()) => {}
@@ -124,11 +143,10 @@ impl Backend {
         let err = out
             .try_clone()
             .map_err(|e| format!("{}: {e}", log.display()))?;
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        on_cpu(&mut cmd, cpu);
+        let child = cmd
             .spawn()
             .map_err(|e| format!("start {}: {e}", program.display()))?;
         let mut b = Backend {
@@ -215,12 +233,14 @@ fn wait_for(child: &mut Child, limit: Duration) -> bool {
 /// Runs the client (`exe <args> --json <json>`, `exe` being `blkstack-bench`) with a time limit and
 /// returns its parsed result. `started` is called once the client runs; a
 /// process it returns (a profiler) is waited for after the client.
+#[allow(clippy::too_many_arguments)]
 pub fn run_client(
     exe: &Path,
     args: &[String],
     json: &Path,
     limit: Duration,
     log: &Path,
+    cpu: Option<u16>,
     started: impl FnOnce(u32) -> Option<Option<Child>>,
 ) -> Result<BenchResult, String> {
     let _ = fs::remove_file(json);
@@ -228,14 +248,16 @@ pub fn run_client(
     let err = out
         .try_clone()
         .map_err(|e| format!("{}: {e}", log.display()))?;
-    let mut child = Command::new(exe)
-        .args(args)
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
         .arg("--json")
         .arg(json)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(out)
-        .stderr(err)
+        .stderr(err);
+    on_cpu(&mut cmd, cpu);
+    let mut child = cmd
         .spawn()
         .map_err(|e| format!("start client: {e}"))?;
     let helper = started(child.id()).flatten();
@@ -275,6 +297,27 @@ fn tail(log: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_cpu_pins_the_child() {
+        let allowed = crate::runtime::affinity::allowed_cpus().expect("affinity");
+        let cpu = *allowed.0.last().expect("a CPU");
+        let mut cmd = Command::new("grep");
+        cmd.args(["Cpus_allowed_list", "/proc/self/status"]);
+        on_cpu(&mut cmd, Some(cpu));
+        let out = cmd.output().expect("run grep");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.split_whitespace().nth(1), Some(cpu.to_string().as_str()), "{text}");
+        // Without a CPU the child keeps this process's set.
+        let mut cmd = Command::new("grep");
+        cmd.args(["Cpus_allowed_list", "/proc/self/status"]);
+        on_cpu(&mut cmd, None);
+        let out = cmd.output().expect("run grep");
+        assert_eq!(out.status.code(), Some(0));
+        if allowed.0.len() > 1 {
+            assert_ne!(String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1), Some(cpu.to_string().as_str()));
+        }
+    }
 
     /// Pages of `path` in the page cache (mincore over a mapping of it).
     fn resident_pages(path: &Path) -> (usize, usize) {

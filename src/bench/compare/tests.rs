@@ -190,7 +190,11 @@ fn utc_format() {
 #[test]
 fn null_row_gets_the_wake_up_bounds() {
     let mut out = output();
-    for r in out.records.iter_mut().filter(|r| r.workload == "null" && r.backend == "blkstack") {
+    for r in out
+        .records
+        .iter_mut()
+        .filter(|r| r.workload == "null" && r.backend == "blkstack")
+    {
         r.error = None;
         r.result = Some(result(500_000.0, 60.0, 0.4, 2048));
     }
@@ -204,14 +208,46 @@ fn null_row_gets_the_wake_up_bounds() {
         server_cpu_us: 20.0,
         client_cpu_us: 19.0,
     };
-    out.machine.wake = Some(crate::bench::wake::WakeProbe { cross_cpu: Some(pp(1)), same_cpu: Some(pp(0)), notes: vec![] });
+    out.machine.wake = Some(crate::bench::wake::WakeProbe {
+        cross_cpu: Some(pp(1)),
+        same_cpu: Some(pp(0)),
+        notes: vec![],
+    });
     let md = report::markdown(&out, &report::Links::default());
     // 32 / 64 µs = 500k IOPS; 32 / 20 µs = 1.6M IOPS per CPU-s; QSD's
     // 290k at 0.97 CPU is 299k per CPU-s, so the target is 598k.
-    assert!(md.contains("at most 500k IOPS and 1600k IOPS per CPU-s"), "{md}");
-    assert!(md.contains("the targets ask for 290k IOPS and 598k IOPS per CPU-s"), "{md}");
+    assert!(
+        md.contains("at most 500k IOPS and 1600k IOPS per CPU-s"),
+        "{md}"
+    );
+    assert!(
+        md.contains("the targets ask for 290k IOPS and 598k IOPS per CPU-s"),
+        "{md}"
+    );
     // The test results sleep once per 32 requests.
-    assert!(md.contains("blkstack slept 31.2 times per 1000 requests (once per 32.0 requests)"), "{md}");
-    assert!(md.contains("- Wake-up cost") && md.contains("on CPUs 0 and 1: round trip 64.0 µs"), "{md}");
+    assert!(
+        md.contains("blkstack slept 31.2 times per 1000 requests (once per 32.0 requests)"),
+        "{md}"
+    );
+    assert!(
+        md.contains("- Wake-up cost") && md.contains("on CPUs 0 and 1: round trip 64.0 µs"),
+        "{md}"
+    );
     assert!(md.contains("| backend | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | CPU s/s | IOPS/CPU-s | RSS MiB | sleeps/1k req |"), "{md}");
+    assert!(!md.contains("With client and backend on one CPU"), "{md}");
+    // The one-CPU row, when it ran, is set beside it.
+    for (b, iops, cpu) in [("blkstack", 1_500_000.0, 0.5), ("qsd", 450_000.0, 0.6)] {
+        out.records
+            .push(rec("null-1cpu", b, 0, Some(result(iops, 20.0, cpu, 2048))));
+    }
+    out.workloads.push("null-1cpu".into());
+    let md = report::markdown(&out, &report::Links::default());
+    assert!(
+        md.contains("With client and backend on one CPU (`null-1cpu`, where a wake-up costs 20.0 µs of CPU), blkstack did 1500k IOPS against QSD's 450k (3.33×) and 3000k IOPS per CPU-s against 750k (4.00×)."),
+        "{md}"
+    );
+    assert!(
+        md.contains("### null 4k randread QD32, client and backend on one CPU (`null-1cpu`"),
+        "{md}"
+    );
 }
