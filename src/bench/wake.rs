@@ -63,7 +63,12 @@ impl PingPong {
     }
 }
 
-/// Measures both placements for about `each` of wall time apiece.
+/// Samples per placement: the probe reports the sample with the median
+/// round trip, so a moment of host noise does not set the bounds.
+const SAMPLES: u32 = 5;
+
+/// Measures both placements for about `each` of wall time apiece, in
+/// [`SAMPLES`] alternating samples.
 pub fn probe(each: Duration) -> WakeProbe {
     let mut out = WakeProbe::default();
     let cpus = match affinity::allowed_cpus() {
@@ -77,18 +82,33 @@ pub fn probe(each: Duration) -> WakeProbe {
         out.notes.push("no CPU to run on".into());
         return out;
     };
-    match cpus.get(1) {
-        Some(&second) => match ping_pong(first, second, each) {
-            Ok(p) => out.cross_cpu = Some(p),
-            Err(e) => out.notes.push(format!("two CPUs: {e}")),
-        },
-        None => out.notes.push("one CPU only: no cross-CPU figure".into()),
+    let second = cpus.get(1).copied();
+    if second.is_none() {
+        out.notes.push("one CPU only: no cross-CPU figure".into());
     }
-    match ping_pong(first, first, each) {
-        Ok(p) => out.same_cpu = Some(p),
-        Err(e) => out.notes.push(format!("one CPU: {e}")),
+    let slice = each / SAMPLES;
+    let (mut cross, mut same) = (Vec::new(), Vec::new());
+    for _ in 0..SAMPLES {
+        if let Some(second) = second {
+            match ping_pong(first, second, slice) {
+                Ok(p) => cross.push(p),
+                Err(e) => out.notes.push(format!("two CPUs: {e}")),
+            }
+        }
+        match ping_pong(first, first, slice) {
+            Ok(p) => same.push(p),
+            Err(e) => out.notes.push(format!("one CPU: {e}")),
+        }
     }
+    out.cross_cpu = median_sample(cross);
+    out.same_cpu = median_sample(same);
     out
+}
+
+/// The sample with the median round trip.
+fn median_sample(mut v: Vec<PingPong>) -> Option<PingPong> {
+    v.sort_by(|a, b| a.round_trip_us.total_cmp(&b.round_trip_us));
+    v.get(v.len() / 2).copied()
 }
 
 fn eventfd(flags: i32) -> io::Result<OwnedFd> {
@@ -239,7 +259,7 @@ mod tests {
     #[test]
     fn ping_pong_measures_round_trips() {
         let before = affinity::allowed_cpus().expect("affinity");
-        let p = probe(Duration::from_millis(50));
+        let p = probe(Duration::from_millis(250));
         assert_eq!(
             affinity::allowed_cpus().expect("affinity"),
             before,
@@ -258,5 +278,20 @@ mod tests {
         }
         // The bounds follow from the figures.
         assert!((same.max_iops(32) - 32.0 / (same.round_trip_us * 1e-6)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_median_sample_is_kept() {
+        let s = |rt: f64| PingPong {
+            client_cpu: 0,
+            server_cpu: 1,
+            round_trips: 1,
+            round_trip_us: rt,
+            server_cpu_us: rt / 2.0,
+            client_cpu_us: rt / 3.0,
+        };
+        let m = median_sample(vec![s(90.0), s(50.0), s(55.0), s(52.0), s(300.0)]);
+        assert_eq!(m.map(|p| p.round_trip_us), Some(55.0));
+        assert_eq!(median_sample(Vec::new()), None);
     }
 }

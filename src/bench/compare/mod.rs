@@ -189,6 +189,14 @@ pub struct CompareOutput {
     /// `perf` profiles of blkstack.
     #[serde(default)]
     pub profiles: Vec<profile::Profile>,
+    /// The options `bench compare` ran with (empty: none, as `make bench`).
+    #[serde(default)]
+    pub options: Vec<String>,
+}
+
+/// The options after `compare` on this program's command line.
+fn command_options() -> Vec<String> {
+    std::env::args().skip_while(|a| a != "compare").skip(1).collect()
 }
 
 /// Runs `blkstack bench compare`.
@@ -204,10 +212,8 @@ pub fn main(args: CompareArgs) -> Result<(), String> {
         .from
         .clone()
         .unwrap_or_else(|| args.out.join("results.json"));
-    let options: Vec<String> = std::env::args()
-        .skip_while(|a| a != "compare")
-        .skip(1)
-        .collect();
+    // A rebuilt report names the command that ran the benchmark.
+    let options = if args.from.is_some() { out.options.clone() } else { command_options() };
     let md = report::markdown(
         &out,
         &report::Links::new(&options, &args.report, &args.svg, &results),
@@ -530,6 +536,7 @@ fn run_all(args: &CompareArgs) -> Result<CompareOutput, String> {
         records,
         retries_skipped: ctx.retries_skipped.get(),
         profiles,
+        options: command_options(),
     };
     let path = out_dir.join("results.json");
     let json = serde_json::to_string_pretty(&out).map_err(|e| format!("JSON: {e}"))?;

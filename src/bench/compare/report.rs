@@ -483,6 +483,41 @@ fn wake_lines(s: &mut String, w: &crate::bench::wake::WakeProbe) {
     }
 }
 
+/// The floor the machine's wake-up cost puts under the QD1 rows without
+/// polling: one cross-CPU round trip per request, for every backend.
+fn qd1_floor(s: &mut String, out: &CompareOutput, st: &BTreeMap<(String, String), Stats>) {
+    let Some(p) = out.machine.wake.as_ref().and_then(|w| w.cross_cpu) else {
+        return;
+    };
+    let Some(w) = plan::workloads().into_iter().find(|w| w.id == "rr1") else {
+        return;
+    };
+    let cells: Vec<String> = w
+        .backends
+        .iter()
+        .filter_map(|b| {
+            let x = st.get(&(w.id.to_string(), b.id())).filter(|x| x.n > 0)?;
+            Some(format!(
+                "{} {:.1} µs ({:+.1})",
+                b.title(),
+                x.p50,
+                x.p50 - p.round_trip_us
+            ))
+        })
+        .collect();
+    if cells.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n**The QD1 rows without polling sit on the machine's wake-up floor.** Each request is one cross-CPU round \
+         trip between two sleeping threads, {:.1} µs here with no I/O at all; p50 over that floor: {}. Their p99 is \
+         the tail of those wake-ups, which moves with the host from round to round (see every run below).",
+        p.round_trip_us,
+        cells.join(", ")
+    );
+}
+
 /// What the machine's wake-up cost allows in the `null` row, under the
 /// targets, when the row was run and the probe measured two CPUs.
 fn null_limits(s: &mut String, out: &CompareOutput, st: &BTreeMap<(String, String), Stats>) {
@@ -733,6 +768,7 @@ pub fn markdown(out: &CompareOutput, links: &Links) -> String {
         let _ = writeln!(s, "| {} | {} | {met} |", t.what, t.measured);
     }
     let _ = writeln!(s, "{}", scaling_target(&st, out.machine.cpus));
+    qd1_floor(&mut s, out, &st);
     null_limits(&mut s, out, &st);
     let _ = writeln!(s, "\n## Results (medians of {} round(s))", out.rounds);
     for w in &ws {

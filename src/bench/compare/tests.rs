@@ -130,6 +130,7 @@ fn output() -> CompareOutput {
         records,
         retries_skipped: 0,
         profiles: vec![],
+        options: vec![],
     }
 }
 
@@ -235,6 +236,8 @@ fn null_row_gets_the_wake_up_bounds() {
     );
     assert!(md.contains("| backend | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | CPU s/s | IOPS/CPU-s | RSS MiB | sleeps/1k req |"), "{md}");
     assert!(!md.contains("With client and backend on one CPU"), "{md}");
+    // No rr1 row in this output: no QD1 floor line.
+    assert!(!md.contains("wake-up floor"), "{md}");
     // The one-CPU row, when it ran, is set beside it.
     for (b, iops, cpu) in [("blkstack", 1_500_000.0, 0.5), ("qsd", 450_000.0, 0.6)] {
         out.records
@@ -248,6 +251,16 @@ fn null_row_gets_the_wake_up_bounds() {
     );
     assert!(
         md.contains("### null 4k randread QD32, client and backend on one CPU (`null-1cpu`"),
+        "{md}"
+    );
+    for (b, p50) in [("blkstack", 66.0), ("qsd", 70.0), ("ch", 64.0)] {
+        out.records
+            .push(rec("rr1", b, 0, Some(result(15_000.0, p50, 0.4, 2048))));
+    }
+    out.workloads.push("rr1".into());
+    let md = report::markdown(&out, &report::Links::default());
+    assert!(
+        md.contains("64.0 µs here with no I/O at all; p50 over that floor: blkstack 66.0 µs (+2.0), QSD aio=io_uring 70.0 µs (+6.0), CH 64.0 µs (+0.0)."),
         "{md}"
     );
 }
