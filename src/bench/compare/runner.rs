@@ -107,6 +107,10 @@ fn on_cpu(cmd: &mut Command, cpu: Option<u16>) {
     // makes a system call on a local cpu_set_t (async-signal-safe).
     unsafe {
         cmd.pre_exec(move || {
+            // CPU_SET would index past the set (a panic in the child).
+            if usize::from(cpu) >= libc::CPU_SETSIZE as usize {
+                return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+            }
             let mut set: libc::cpu_set_t = std::mem::zeroed();
             libc::CPU_SET(usize::from(cpu), &mut set);
             if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
@@ -314,6 +318,10 @@ mod tests {
         on_cpu(&mut cmd, None);
         let out = cmd.output().expect("run grep");
         assert_eq!(out.status.code(), Some(0));
+        // A CPU past the set is refused before exec, not a panic in the child.
+        let mut cmd = Command::new("true");
+        on_cpu(&mut cmd, Some(u16::MAX));
+        assert_eq!(cmd.status().map_err(|e| e.raw_os_error()), Err(Some(libc::EINVAL)));
         if allowed.0.len() > 1 {
             assert_ne!(String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1), Some(cpu.to_string().as_str()));
         }
