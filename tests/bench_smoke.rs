@@ -159,6 +159,9 @@ fn bench_and_check(socket: &Path, pid: u32, extra: &[&str], dir: &Path) -> Value
     assert_eq!(num(&v, &["backend", "pid"]), f64::from(pid));
     assert!(num(&v, &["backend", "cpu_s_per_s"]) >= 0.0);
     assert!(num(&v, &["backend", "rss_kib"]) > 0.0);
+    // How often the backend slept is measured for a real backend (a
+    // number, not null: /proc/PID/task was readable).
+    assert!(num(&v, &["backend", "sleeps_per_s"]) >= 0.0, "sleeps: {v}");
     let steal = num(&v, &["host", "steal_pct"]);
     assert!((0.0..=100.0).contains(&steal));
     assert!(num(&v, &["device", "capacity"]) > 0.0);
