@@ -45,13 +45,17 @@ pub fn process_cpu_seconds(pid: u32) -> Result<f64, String> {
     Ok(ticks as f64 / clock_ticks_per_second() as f64)
 }
 
+/// The value of the `name:` line of `/proc/PID/status` text, trimmed.
+fn status_field<'a>(text: &'a str, name: &str) -> Result<&'a str, String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+        .ok_or_else(|| format!("no {name} line"))
+}
+
 /// The `VmRSS` line of `/proc/PID/status` text, in KiB.
 pub fn parse_vm_rss_kib(text: &str) -> Result<u64, String> {
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .ok_or("no VmRSS line")?;
-    let mut it = line["VmRSS:".len()..].split_whitespace();
+    let mut it = status_field(text, "VmRSS")?.split_whitespace();
     let n = it.next().ok_or("empty VmRSS line")?;
     let v: u64 = n.parse().map_err(|e| format!("VmRSS '{n}': {e}"))?;
     match it.next() {
@@ -69,13 +73,8 @@ pub fn process_rss_kib(pid: u32) -> Result<u64, String> {
 
 /// The `voluntary_ctxt_switches` line of `/proc/PID/task/TID/status` text.
 pub fn parse_voluntary_switches(text: &str) -> Result<u64, String> {
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("voluntary_ctxt_switches:"))
-        .ok_or("no voluntary_ctxt_switches line")?;
-    let n = line["voluntary_ctxt_switches:".len()..].trim();
-    n.parse()
-        .map_err(|e| format!("voluntary_ctxt_switches '{n}': {e}"))
+    let n = status_field(text, "voluntary_ctxt_switches")?;
+    n.parse().map_err(|e| format!("voluntary_ctxt_switches '{n}': {e}"))
 }
 
 /// How many times the threads of process `pid` have gone to sleep (their
@@ -192,7 +191,8 @@ mod tests {
 
     #[test]
     fn voluntary_switches() {
-        let text = "Name:\tx\nvoluntary_ctxt_switches:\t1234\nnonvoluntary_ctxt_switches:\t5\n";
+        // The nonvoluntary line is not taken for it, whichever comes first.
+        let text = "Name:\tx\nnonvoluntary_ctxt_switches:\t5\nvoluntary_ctxt_switches:\t1234\n";
         assert_eq!(parse_voluntary_switches(text), Ok(1234));
         assert!(parse_voluntary_switches("Name:\tx\n").is_err());
         assert!(parse_voluntary_switches("voluntary_ctxt_switches:\tmany\n").is_err());

@@ -18,6 +18,7 @@
 //! synced so writeback does not spill into the next run. All raw results go
 //! to `bench/out/results.json`; `--from` rebuilds the report from such a file.
 
+mod limits;
 pub mod plan;
 pub mod profile;
 pub mod report;
