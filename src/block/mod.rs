@@ -6,6 +6,7 @@ pub mod graph;
 pub mod iovec;
 pub mod node;
 pub mod request;
+pub mod shard;
 pub mod stats;
 
 pub use driver::{boxed, BlockDriver, BlockStatus, Caps, ChildRole, IoFuture, Limits};

@@ -6,8 +6,9 @@
 //! the older data it read back would overwrite the newer write. The
 //! [`Tracker`] makes RMW writes *serialising*:
 //!
-//! - An ordinary (aligned) write takes the fast path — two atomic operations,
-//!   no lock — as long as no serialising write exists on the node.
+//! - An ordinary (aligned) write takes the fast path — two atomic operations
+//!   on its thread's own counter ([`Sharded`]), no lock — as long as no
+//!   serialising write exists on the node.
 //! - A serialising write announces itself, waits until the fast-path writes
 //!   already in flight have drained, and enters the tracked list.
 //! - While any serialising write exists, every write enters the tracked list
@@ -21,6 +22,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Mutex;
 
 use event_listener::Event;
+
+use super::shard::{self, Sharded};
 
 /// Flags of a write request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -40,7 +43,8 @@ struct Entry {
 /// Tracks in-flight writes of one node for overlap serialisation.
 #[derive(Default)]
 pub struct Tracker {
-    fast: AtomicUsize,
+    /// Fast-path writes in flight, per thread.
+    fast: Sharded<AtomicUsize>,
     serialising: AtomicUsize,
     next_id: AtomicU64,
     list: Mutex<Vec<Entry>>,
@@ -52,6 +56,8 @@ pub struct WriteGuard<'a> {
     tracker: &'a Tracker,
     tracked: Option<u64>,
     serialising: bool,
+    /// The `fast` copy a fast-path write counted itself in.
+    shard: usize,
 }
 
 impl Tracker {
@@ -67,11 +73,11 @@ impl Tracker {
         let entry = Entry { id, start, end, serialising };
         loop {
             if self.try_insert(entry) {
-                return WriteGuard { tracker: self, tracked: Some(id), serialising };
+                return WriteGuard { tracker: self, tracked: Some(id), serialising, shard: 0 };
             }
             let listener = self.changed.listen();
             if self.try_insert(entry) {
-                return WriteGuard { tracker: self, tracked: Some(id), serialising };
+                return WriteGuard { tracker: self, tracked: Some(id), serialising, shard: 0 };
             }
             listener.await;
         }
@@ -81,19 +87,28 @@ impl Tracker {
     /// never waits: `None` while a serialising write exists (the write must
     /// then go through `begin`).
     pub fn try_begin_fast(&self) -> Option<WriteGuard<'_>> {
-        self.fast.fetch_add(1, SeqCst);
+        // Sequentially consistent with `begin`'s increment of `serialising`
+        // and its reads of every copy of `fast`: either this write sees the
+        // serialising write, or the serialising write sees this one.
+        let shard = shard::index();
+        let fast = self.fast.at(shard);
+        fast.fetch_add(1, SeqCst);
         if self.serialising.load(SeqCst) == 0 {
-            return Some(WriteGuard { tracker: self, tracked: None, serialising: false });
+            return Some(WriteGuard { tracker: self, tracked: None, serialising: false, shard });
         }
-        self.fast.fetch_sub(1, SeqCst);
+        fast.fetch_sub(1, SeqCst);
         self.changed.notify(usize::MAX);
         None
     }
 
+    fn fast_drained(&self) -> bool {
+        self.fast.iter().all(|c| c.load(SeqCst) == 0)
+    }
+
     async fn wait_fast_drained(&self) {
-        while self.fast.load(SeqCst) != 0 {
+        while !self.fast_drained() {
             let listener = self.changed.listen();
-            if self.fast.load(SeqCst) == 0 {
+            if self.fast_drained() {
                 return;
             }
             listener.await;
@@ -114,7 +129,7 @@ impl Tracker {
     fn end(&self, guard: &WriteGuard<'_>) {
         match guard.tracked {
             None => {
-                self.fast.fetch_sub(1, SeqCst);
+                self.fast.at(guard.shard).fetch_sub(1, SeqCst);
                 if self.serialising.load(SeqCst) != 0 {
                     self.changed.notify(usize::MAX);
                 }
@@ -169,9 +184,47 @@ mod tests {
         rt.turn();
         assert!(order.borrow().is_empty(), "rmw must wait for the in-flight fast write");
         // End the forgotten fast write by hand.
-        drop(WriteGuard { tracker: &t, tracked: None, serialising: false });
+        drop(WriteGuard { tracker: &t, tracked: None, serialising: false, shard: shard::index() });
         rt.turn();
         assert_eq!(*order.borrow(), vec!["rmw"]);
+    }
+
+    #[test]
+    fn serialising_write_waits_for_fast_writes_of_other_threads() {
+        let rt = crate::runtime::Runtime::new().expect("runtime");
+        let t: &'static Tracker = Box::leak(Box::default());
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || {
+            let g = t.try_begin_fast().expect("no serialising write yet");
+            let _ = started_tx.send(shard::index());
+            let _ = wait.recv();
+            drop(g);
+        });
+        let their_shard = started.recv().expect("started");
+        assert_ne!(t.fast.at(their_shard).load(SeqCst), 0, "counted in the other thread's copy");
+        let done = Rc::new(std::cell::Cell::new(false));
+        {
+            let done = done.clone();
+            rt.spawn(async move {
+                let _g = t.begin(0, 512, true).await;
+                done.set(true);
+            });
+        }
+        rt.turn();
+        assert!(!done.get(), "the serialising write must wait for the other thread's fast write");
+        assert!(t.try_begin_fast().is_none(), "no fast path while a serialising write waits");
+        let _ = release.send(());
+        other.join().expect("other thread");
+        rt.block_on({
+            let done = done.clone();
+            async move {
+                while !done.get() {
+                    crate::runtime::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+        });
+        assert!(t.fast_drained());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! and operations per kind, total time per kind, failed and invalid
 //! operations, the highest written offset and the time of the last I/O.
 //! Write-zeroes count as writes (as in QEMU); discards count as `unmap`.
+//! Each thread updates its own copy ([`super::shard`]); a snapshot folds them.
 //!
 //! A request's time runs from [`start_time`] to its completion. Inside a
 //! [`Burst`] (a queue thread serving one batch of guest requests) the start
@@ -18,6 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
 use serde::Serialize;
+
+use super::shard::Sharded;
 
 thread_local! {
     /// Whether this thread is in a [`Burst`], and its latest clock reading.
@@ -93,22 +96,25 @@ struct KindCounters {
     invalid: AtomicU64,
 }
 
-/// A node's live counters.
-pub struct Stats {
+/// One thread's copy of a node's counters (see [`shard`]).
+#[derive(Default)]
+struct Counters {
     kinds: [KindCounters; 4],
     wr_highest_offset: AtomicU64,
+    /// Nanoseconds from the epoch to the last I/O, plus one; 0: none yet.
+    last_io: AtomicU64,
+}
+
+/// A node's live counters, one copy per queue thread ([`Sharded`]): the
+/// threads of a multi-queue export never write the same cache line.
+pub struct Stats {
+    counters: Sharded<Counters>,
     epoch: Instant,
-    last_io_ns: AtomicU64,
 }
 
 impl Default for Stats {
     fn default() -> Self {
-        Stats {
-            kinds: Default::default(),
-            wr_highest_offset: AtomicU64::new(0),
-            epoch: Instant::now(),
-            last_io_ns: AtomicU64::new(u64::MAX),
-        }
+        Stats { counters: Sharded::default(), epoch: Instant::now() }
     }
 }
 
@@ -147,53 +153,70 @@ pub struct StatsSnapshot {
 }
 
 impl Stats {
-    fn kind(&self, k: IoKind) -> &KindCounters {
-        &self.kinds[k as usize]
+    fn kind(&self, k: IoKind) -> (&KindCounters, &Counters) {
+        let c = self.counters.local();
+        (&c.kinds[k as usize], c)
     }
 
-    fn now_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
+    fn since_epoch(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_nanos() as u64
     }
 
     /// Records a completed operation that started at `start`.
     pub fn done(&self, k: IoKind, bytes: u64, start: Instant) {
-        let c = self.kind(k);
+        let (c, all) = self.kind(k);
         c.bytes.fetch_add(bytes, Relaxed);
         c.ops.fetch_add(1, Relaxed);
         // One clock read for both figures.
         let now = end_time();
         c.time_ns.fetch_add(now.saturating_duration_since(start).as_nanos() as u64, Relaxed);
-        self.last_io_ns.store(now.saturating_duration_since(self.epoch).as_nanos() as u64, Relaxed);
+        all.last_io.store(self.since_epoch(now) + 1, Relaxed);
     }
 
     /// Records a failed operation.
     pub fn failed(&self, k: IoKind) {
-        self.kind(k).failed.fetch_add(1, Relaxed);
-        self.last_io_ns.store(self.now_ns(), Relaxed);
+        let (c, all) = self.kind(k);
+        c.failed.fetch_add(1, Relaxed);
+        all.last_io.store(self.since_epoch(Instant::now()) + 1, Relaxed);
     }
 
     /// Records an operation rejected before it reached the driver.
     pub fn invalid(&self, k: IoKind) {
-        self.kind(k).invalid.fetch_add(1, Relaxed);
-        self.last_io_ns.store(self.now_ns(), Relaxed);
+        let (c, all) = self.kind(k);
+        c.invalid.fetch_add(1, Relaxed);
+        all.last_io.store(self.since_epoch(Instant::now()) + 1, Relaxed);
     }
 
     /// Notes that bytes up to `end` have been written.
     pub fn wrote_up_to(&self, end: u64) {
-        self.wr_highest_offset.fetch_max(end, Relaxed);
+        let c = &self.counters.local().wr_highest_offset;
+        // Most writes do not raise it: a load instead of a locked operation.
+        if c.load(Relaxed) < end {
+            c.fetch_max(end, Relaxed);
+        }
     }
 
-    /// Reads all counters.
+    /// Reads all counters (sums over the copies; the highest offset and
+    /// the last I/O are the latest of any copy).
     pub fn snapshot(&self) -> StatsSnapshot {
         let g = |k: IoKind| {
-            let c = self.kind(k);
-            (c.bytes.load(Relaxed), c.ops.load(Relaxed), c.time_ns.load(Relaxed), c.failed.load(Relaxed), c.invalid.load(Relaxed))
+            let mut t = (0u64, 0u64, 0u64, 0u64, 0u64);
+            for all in self.counters.iter() {
+                let c = &all.kinds[k as usize];
+                t.0 = t.0.wrapping_add(c.bytes.load(Relaxed));
+                t.1 = t.1.wrapping_add(c.ops.load(Relaxed));
+                t.2 = t.2.wrapping_add(c.time_ns.load(Relaxed));
+                t.3 = t.3.wrapping_add(c.failed.load(Relaxed));
+                t.4 = t.4.wrapping_add(c.invalid.load(Relaxed));
+            }
+            t
         };
         let (rb, ro, rt, rf, ri) = g(IoKind::Read);
         let (wb, wo, wt, wf, wi) = g(IoKind::Write);
         let (_, fo, ft, ff, fi) = g(IoKind::Flush);
         let (ub, uo, ut, uf, ui) = g(IoKind::Unmap);
-        let last = self.last_io_ns.load(Relaxed);
+        let highest = self.counters.iter().map(|c| c.wr_highest_offset.load(Relaxed)).max().unwrap_or(0);
+        let last = self.counters.iter().map(|c| c.last_io.load(Relaxed)).max().unwrap_or(0);
         StatsSnapshot {
             rd_bytes: rb,
             wr_bytes: wb,
@@ -206,7 +229,7 @@ impl Stats {
             wr_total_time_ns: wt,
             flush_total_time_ns: ft,
             unmap_total_time_ns: ut,
-            wr_highest_offset: self.wr_highest_offset.load(Relaxed),
+            wr_highest_offset: highest,
             failed_rd_operations: rf,
             failed_wr_operations: wf,
             failed_flush_operations: ff,
@@ -215,7 +238,7 @@ impl Stats {
             invalid_wr_operations: wi,
             invalid_flush_operations: fi,
             invalid_unmap_operations: ui,
-            idle_time_ns: (last != u64::MAX).then(|| self.now_ns().saturating_sub(last)),
+            idle_time_ns: (last != 0).then(|| self.since_epoch(Instant::now()).saturating_sub(last - 1)),
             account_invalid: true,
             account_failed: true,
             ..Default::default()
@@ -248,6 +271,33 @@ mod tests {
         assert!(snap.idle_time_ns.is_some());
         let json = serde_json::to_value(&snap).expect("serialise");
         assert_eq!(json["flush_operations"], 1);
+    }
+
+    #[test]
+    fn threads_count_into_one_snapshot() {
+        let s = Stats::default();
+        let t = Instant::now();
+        std::thread::scope(|sc| {
+            for i in 1..=4u64 {
+                let s = &s;
+                sc.spawn(move || {
+                    for _ in 0..i {
+                        s.done(IoKind::Read, 4096, t);
+                    }
+                    s.wrote_up_to(i << 20);
+                });
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let last = Instant::now();
+        s.done(IoKind::Write, 512, t);
+        let snap = s.snapshot();
+        let since_last = last.elapsed().as_nanos() as u64;
+        assert_eq!((snap.rd_operations, snap.rd_bytes), (10, 10 * 4096));
+        assert_eq!((snap.wr_operations, snap.wr_bytes), (1, 512));
+        assert_eq!(snap.wr_highest_offset, 4 << 20, "the highest of any thread");
+        let idle = snap.idle_time_ns.expect("I/O happened");
+        assert!(idle <= since_last, "idle time runs from the latest I/O of any thread: {idle} ns > {since_last} ns");
     }
 
     #[test]

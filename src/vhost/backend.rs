@@ -300,6 +300,12 @@ impl Worker {
     /// polls, guest notifications stay off (the guest need not kick a queue
     /// that is being watched); they go back on before it stops.
     fn serve(&self, kick: bool) {
+        self.serve_until_idle(kick);
+        // Before sleeping: requests still in flight keep their snapshot.
+        self.ctx.release_memory();
+    }
+
+    fn serve_until_idle(&self, kick: bool) {
         let poll = self.poll;
         if poll.is_zero() {
             self.step(kick, true);

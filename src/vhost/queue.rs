@@ -19,7 +19,11 @@
 //! Request tasks are never cancelled: a started request runs to completion
 //! (a worker drains its runtime before dropping it), and it holds the guest
 //! memory snapshot its buffers point into, so memory the kernel may still be
-//! reading or writing is never unmapped under it.
+//! reading or writing is never unmapped under it. The queue keeps the
+//! snapshot it last loaded while it works ([`QueueCtx::release_memory`]
+//! when it goes idle), and its requests share it through an `Rc`: an `Arc`
+//! clone per request would write the one reference count that every queue
+//! thread of the export shares.
 //!
 //! After the frontend went away the context is *detached*: requests still in
 //! flight run to completion against the node, but nothing more is written to
@@ -49,17 +53,45 @@ pub struct QueueCtx {
     done: RefCell<Vec<(u16, u32)>>,
     scratch: RefCell<Vec<Desc>>,
     detached: Cell<bool>,
+    /// The guest memory snapshot this thread loaded last (see the module docs).
+    mem: RefCell<Option<MemRef>>,
 }
+
+/// A guest memory snapshot as the requests of one queue thread share it.
+pub type MemRef = Rc<Arc<GuestMemoryMmap>>;
 
 impl QueueCtx {
     /// A context for queue `index` of `dev`.
     pub fn new(dev: Arc<Device>, index: u16) -> Rc<Self> {
-        Rc::new(QueueCtx { dev, index, done: RefCell::new(Vec::new()), scratch: RefCell::new(Vec::new()), detached: Cell::new(false) })
+        Rc::new(QueueCtx { dev, index, done: RefCell::new(Vec::new()), scratch: RefCell::new(Vec::new()), detached: Cell::new(false), mem: RefCell::new(None) })
     }
 
     /// Stops writing to the used ring (the frontend is gone).
     pub fn detach(&self) {
         self.detached.set(true);
+        self.release_memory();
+    }
+
+    /// The current guest memory snapshot: the one this thread holds while
+    /// the frontend has not changed the memory table, else the new one.
+    fn snapshot(&self, gm: &GuestMemoryAtomic<GuestMemoryMmap>) -> MemRef {
+        let now = gm.memory();
+        let mut held = self.mem.borrow_mut();
+        // The held `Arc` keeps its snapshot alive, so an equal address
+        // is the same snapshot, never a new one at a reused address.
+        if let Some(m) = held.as_ref().filter(|m| std::ptr::eq(Arc::as_ptr(m), &*now)) {
+            return m.clone();
+        }
+        let m = Rc::new(now.into_inner());
+        *held = Some(m.clone());
+        m
+    }
+
+    /// Drops the held snapshot (requests in flight keep theirs): called
+    /// before the queue thread sleeps, so memory the frontend removed
+    /// meanwhile is not kept mapped by an idle queue.
+    pub fn release_memory(&self) {
+        self.mem.borrow_mut().take();
     }
 
     /// Pops every available chain and starts it. Without a runtime (`rt` is
@@ -122,7 +154,7 @@ impl QueueCtx {
         if !queue.ready() {
             return 0;
         }
-        let ring_mem = gm.memory().into_inner();
+        let ring_mem = self.snapshot(gm);
         let Some(rings) = Rings::new(queue, &ring_mem) else {
             return self.pop_batch_slow(rt, queue, gm, limit);
         };
@@ -139,7 +171,7 @@ impl QueueCtx {
             return 0;
         }
         // Loaded after the index: see above.
-        let mem = gm.memory().into_inner();
+        let mem = self.snapshot(gm);
         let g = self.dev.geometry();
         let mut scratch = self.scratch.borrow_mut();
         let mut idx = next;
@@ -168,9 +200,9 @@ impl QueueCtx {
         if pending == 0 {
             return 0;
         }
-        let mem = gm.memory().into_inner();
+        let mem = self.snapshot(gm);
         let g = self.dev.geometry();
-        let iter = match queue.iter(&*mem) {
+        let iter = match queue.iter(&**mem) {
             Ok(iter) => iter,
             Err(virtio_queue::Error::QueueNotReady) => return 0,
             Err(e) => {

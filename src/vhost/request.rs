@@ -12,20 +12,20 @@
 //!   at once, used length 1.
 //!
 //! Execution never re-checks the layout. Data buffers are [`IoVecs`] that
-//! point straight into guest memory; the request owns an `Arc` of the guest
-//! memory snapshot it was parsed against, so a region the frontend removes
-//! (REM_MEM_REG) stays mapped until the request is done.
+//! point straight into guest memory; the request owns a reference to the
+//! guest memory snapshot it was parsed against ([`MemRef`]), so a region the
+//! frontend removes (REM_MEM_REG) stays mapped until the request is done.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 
 use virtio_bindings::virtio_blk as vb;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::config::{ID_BYTES, MAX_DISCARD_SECTORS, SECTOR_SIZE};
+use super::queue::MemRef;
 use crate::block::{BlockError, BlockNode, BlockResult, ErrorKind, IoVecs, WriteFlags};
 
 /// Status byte: success.
@@ -107,7 +107,7 @@ pub struct Request {
     /// Used length reported on success.
     pub used_len: u32,
     // Declared last so it drops after `data`, whose pointers it keeps valid.
-    mem: Arc<GuestMemoryMmap>,
+    mem: MemRef,
 }
 
 /// Why a chain was refused; shown in the (rate-limited) log line.
@@ -216,7 +216,7 @@ struct Layout<'a> {
 }
 
 /// Parses one chain. `scratch` is reused between calls to avoid allocating.
-pub fn parse<M>(chain: DescriptorChain<M>, mem: &Arc<GuestMemoryMmap>, g: &Geometry, scratch: &mut Vec<Desc>) -> Parsed
+pub fn parse<M>(chain: DescriptorChain<M>, mem: &MemRef, g: &Geometry, scratch: &mut Vec<Desc>) -> Parsed
 where
     M: std::ops::Deref,
     M::Target: vm_memory::GuestMemory,
@@ -228,7 +228,7 @@ where
 }
 
 /// Parses the descriptors of the chain at `head`, as collected from the ring.
-pub fn parse_descs(head: u16, descs: &[Desc], mem: &Arc<GuestMemoryMmap>, g: &Geometry) -> Parsed {
+pub fn parse_descs(head: u16, descs: &[Desc], mem: &MemRef, g: &Geometry) -> Parsed {
     let status = match status_addr(descs, mem) {
         Ok(s) => s,
         Err(why) => return Parsed::Drop { head, why },
@@ -453,8 +453,8 @@ fn gather(mem: &GuestMemoryMmap, descs: &[Desc], skip: u64, len: u64) -> Result<
             let Ok(slice) = slice else { return false };
             let ptr = slice.ptr_guard_mut().as_ptr();
             // SAFETY: `ptr..ptr+len` is a mapping of a region of `mem`, mapped
-            // read/write. The `Request` built from these vectors holds an
-            // `Arc` of `mem` (declared after `data`, so dropped after it), so
+            // read/write. The `Request` built from these vectors holds a
+            // reference to `mem` (declared after `data`, so dropped after it), so
             // the mapping outlives every use of the vectors. The memory is
             // shared with the guest, which is why the block layer only ever
             // hands it to the kernel or copies it with raw copies.

@@ -16,7 +16,7 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRI
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::backend::BlkBackend;
 use super::config::{VhostBlkConfig, CONFIG_SPACE_SIZE, WCE_OFFSET};
@@ -580,6 +580,35 @@ fn requests_complete_out_of_order_without_blocking_the_queue() {
     h.ctx.complete(&mut h.queue, &h.mem);
     assert_eq!(h.used(), vec![(u32::from(slow), 513)]);
     assert_eq!((h.byte(s1), h.byte(s2)), (S_OK, S_OK));
+}
+
+#[test]
+fn requests_share_one_memory_snapshot_per_queue_until_it_changes() {
+    let mut h = Harness::with(cfg(true, 512), Some(0));
+    let first = h.gm.memory().into_inner();
+    let base = Arc::strong_count(&first);
+    for _ in 0..2 {
+        let (hd, d, s) = (h.header(T_IN, 0), h.alloc(512), h.status());
+        h.chain(&[(hd, 16, false), (d, 512, true), (s, 1, true)]);
+    }
+    h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, usize::MAX, true);
+    assert_eq!(h.rt.live_tasks(), 2, "two slow reads in flight");
+    assert_eq!(Arc::strong_count(&first), base + 1, "the queue and its requests hold one reference between them");
+    // The frontend changes the memory table: the next pop parses against
+    // the new map, and the old one lives on for the requests still in flight.
+    h.gm.lock().expect("memory lock").replace((*h.mem).clone());
+    let second = h.gm.memory().into_inner();
+    let (hd, d, s) = (h.header(T_IN, 8), h.alloc(512), h.status());
+    h.chain(&[(hd, 16, false), (d, 512, true), (s, 1, true)]);
+    h.ctx.pop_and_start(Some(&h.rt), &mut h.queue, &h.gm, usize::MAX, true);
+    assert_eq!(Arc::strong_count(&second), base + 1);
+    assert_eq!(Arc::strong_count(&first), 2, "kept for the requests in flight only");
+    h.rt.drain();
+    h.ctx.complete(&mut h.queue, &h.mem);
+    assert_eq!(h.used().len(), 3);
+    assert_eq!(Arc::strong_count(&first), 1, "released with its last request");
+    h.ctx.release_memory();
+    assert_eq!(Arc::strong_count(&second), base, "an idle queue holds no snapshot");
 }
 
 #[test]
