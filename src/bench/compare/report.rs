@@ -670,6 +670,20 @@ fn iops_of(st: &BTreeMap<(String, String), Stats>, wl: &str, b: &str) -> Option<
         .map(|x| x.iops)
 }
 
+fn iops_per_cpu_of(st: &BTreeMap<(String, String), Stats>, wl: &str, b: &str) -> Option<f64> {
+    st.get(&(wl.to_string(), b.to_string()))
+        .filter(|x| x.n > 0)
+        .and_then(|x| x.iops_per_cpu)
+}
+
+/// What a machine too small for the scaling target can still show: how
+/// much of one queue's work per backend CPU-second `n` queues keep (the
+/// client shares the CPUs, so IOPS cannot scale there; per-CPU cost can).
+fn per_cpu_kept(st: &BTreeMap<(String, String), Stats>, wl: &str) -> Option<f64> {
+    let one = iops_per_cpu_of(st, "rr32", "blkstack").filter(|v| *v > 0.0)?;
+    Some(iops_per_cpu_of(st, wl, "blkstack")? / one)
+}
+
 fn scaling_target(st: &BTreeMap<(String, String), Stats>, cpus: usize) -> String {
     use plan::SCALING_CPUS;
     let what = "| multi-queue 4k randread QD32: 8 queues ≥ 90 % of 8× one queue";
@@ -679,8 +693,17 @@ fn scaling_target(st: &BTreeMap<(String, String), Stats>, cpus: usize) -> String
         } else {
             ""
         };
+        let kept: Vec<String> = [("mq2", 2), ("mq4", 4)]
+            .iter()
+            .filter_map(|&(wl, n)| per_cpu_kept(st, wl).map(|k| format!("{n} queues {:.0} %", 100.0 * k)))
+            .collect();
+        let kept = if kept.is_empty() {
+            String::new()
+        } else {
+            format!("; IOPS per backend CPU-s kept from one queue: {}", kept.join(", "))
+        };
         return format!(
-            "{what} | not measured: needs {SCALING_CPUS} CPUs (8 client + 8 backend threads), this machine has {cpus}{had}; 1/2/4-queue figures below | – |"
+            "{what} | not measured: needs {SCALING_CPUS} CPUs (8 client + 8 backend threads), this machine has {cpus}{had}; 1/2/4-queue figures below{kept} | – |"
         );
     }
     match (
@@ -727,6 +750,23 @@ fn scaling(s: &mut String, st: &BTreeMap<(String, String), Stats>) {
             cell("mq4", 4.0),
             cell("mq8", 8.0)
         );
+    }
+    let _ = writeln!(
+        s,
+        "\nIOPS per backend CPU-second (% of one queue's): where the client and the backend share fewer CPUs than they have threads, IOPS cannot grow with queues, but the backend's cost per request should not either.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| backend | 1 queue | 2 queues | 4 queues | 8 queues |\n|---|---:|---:|---:|---:|"
+    );
+    for b in ["blkstack", "qsd", "ch"] {
+        let Some(one) = iops_per_cpu_of(st, "rr32", b).filter(|v| *v > 0.0) else {
+            continue;
+        };
+        let cell = |wl: &str| {
+            iops_per_cpu_of(st, wl, b).map_or("–".into(), |v| format!("{} ({:.0} %)", num(v), 100.0 * v / one))
+        };
+        let _ = writeln!(s, "| {b} | {} | {} | {} | {} |", num(one), cell("mq2"), cell("mq4"), cell("mq8"));
     }
 }
 
@@ -788,6 +828,16 @@ mod tests {
                 && on2.ends_with("| – |"),
             "{on2}"
         );
+        assert!(!on2.contains("kept"), "no CPU figures, no per-CPU line: {on2}");
+        for (wl, iops_per_cpu) in [("rr32", 400_000.0), ("mq2", 380_000.0), ("mq4", 300_000.0)] {
+            let e = st.entry((wl.to_string(), "blkstack".to_string())).or_insert(Stats { n: 1, ..Stats::default() });
+            e.iops_per_cpu = Some(iops_per_cpu);
+        }
+        let on2 = scaling_target(&st, 2);
+        assert!(on2.contains("IOPS per backend CPU-s kept from one queue: 2 queues 95 %, 4 queues 75 % | – |"), "{on2}");
+        let mut table = String::new();
+        scaling(&mut table, &st);
+        assert!(table.contains("| blkstack | 400k | 380k (95 %) | 300k (75 %) | – |"), "{table}");
         st.clear();
         assert!(scaling_target(&st, 16).contains("no data"));
     }
