@@ -47,6 +47,25 @@ pub struct WakeProbe {
     /// Why a measurement is missing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// The cross-CPU round trip (µs) of every probe taken in the run, in
+    /// order, when more than one was (see [`WakeProbe::calmest`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taken_us: Vec<f64>,
+}
+
+impl WakeProbe {
+    /// Of probes taken at different times, the one with the shortest
+    /// cross-CPU round trip (host noise only ever lengthens it), with the
+    /// round trips of all of them in `taken_us`. `None` for no probes.
+    pub fn calmest(probes: Vec<WakeProbe>) -> Option<WakeProbe> {
+        let taken: Vec<f64> = probes.iter().filter_map(|p| p.cross_cpu.map(|c| c.round_trip_us)).collect();
+        let key = |p: &WakeProbe| p.cross_cpu.map_or(f64::INFINITY, |c| c.round_trip_us);
+        let mut best = probes.into_iter().min_by(|a, b| key(a).total_cmp(&key(b)))?;
+        if taken.len() > 1 {
+            best.taken_us = taken;
+        }
+        Some(best)
+    }
 }
 
 impl PingPong {
@@ -255,6 +274,18 @@ fn ping_pong(client_cpu: u16, server_cpu: u16, each: Duration) -> Result<PingPon
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_calmest_probe_is_kept() {
+        let pp = |rt: f64| PingPong { client_cpu: 0, server_cpu: 1, round_trips: 1, round_trip_us: rt, server_cpu_us: rt / 3.0, client_cpu_us: rt / 3.0 };
+        let probe = |rt: Option<f64>| WakeProbe { cross_cpu: rt.map(pp), ..WakeProbe::default() };
+        let best = WakeProbe::calmest(vec![probe(Some(289.4)), probe(None), probe(Some(60.2))]).expect("a probe");
+        assert_eq!(best.cross_cpu.map(|c| c.round_trip_us), Some(60.2));
+        assert_eq!(best.taken_us, vec![289.4, 60.2]);
+        let one = WakeProbe::calmest(vec![probe(Some(57.0))]).expect("a probe");
+        assert!(one.taken_us.is_empty(), "one probe lists nothing");
+        assert_eq!(WakeProbe::calmest(Vec::new()), None);
+    }
 
     #[test]
     fn ping_pong_measures_round_trips() {

@@ -39,9 +39,51 @@ pub(super) fn wake_lines(s: &mut String, w: &crate::bench::wake::WakeProbe) {
             ping_pong_line(p)
         );
     }
+    if w.taken_us.len() > 1 {
+        let all: Vec<String> = w.taken_us.iter().map(|t| format!("{t:.1}")).collect();
+        let _ = writeln!(
+            s,
+            "  - probed before and after the runs, cross-CPU round trips {} µs: the shortest is used (host noise only lengthens a round trip).",
+            all.join(" and ")
+        );
+    }
     for n in &w.notes {
         let _ = writeln!(s, "  - {n}");
     }
+}
+
+/// The probe's cross-CPU figure, unless the run's own measurements
+/// contradict it (a QD1 p50 well under its round trip, or `null` IOPS well
+/// over the bound it implies): then the probe caught a disturbed moment and
+/// nothing is derived from it. `Err` says why.
+fn usable_probe(
+    out: &CompareOutput,
+    st: &BTreeMap<(String, String), Stats>,
+) -> Option<Result<crate::bench::wake::PingPong, String>> {
+    let p = out.machine.wake.as_ref().and_then(|w| w.cross_cpu)?;
+    let null_depth = plan::workloads().into_iter().find(|w| w.id == "null").map_or(32, |w| w.iodepth);
+    let mut against = Vec::new();
+    for ((wl, b), x) in st.iter().filter(|(_, x)| x.n > 0) {
+        let title = plan::workloads()
+            .into_iter()
+            .flat_map(|w| w.backends)
+            .find(|s| &s.id() == b)
+            .map_or(b.clone(), |s| s.title());
+        match wl.as_str() {
+            "rr1" if x.p50 < 0.8 * p.round_trip_us => against.push(format!("{title}'s QD1 p50 of {:.1} µs", x.p50)),
+            "null" if x.iops > 1.2 * p.max_iops(null_depth) => against.push(format!("{title}'s {} IOPS in `null`", num(x.iops))),
+            _ => {}
+        }
+    }
+    if against.is_empty() {
+        return Some(Ok(p));
+    }
+    Some(Err(format!(
+        "**The wake-up probe was disturbed.** Its cross-CPU round trip, {:.1} µs, is contradicted by what this run \
+         measured ({}), so the report derives no floor or bound from it.",
+        p.round_trip_us,
+        against.join(", ")
+    )))
 }
 
 /// The floor the machine's wake-up cost puts under the QD1 rows without
@@ -51,8 +93,13 @@ pub(super) fn qd1_floor(
     out: &CompareOutput,
     st: &BTreeMap<(String, String), Stats>,
 ) {
-    let Some(p) = out.machine.wake.as_ref().and_then(|w| w.cross_cpu) else {
-        return;
+    let p = match usable_probe(out, st) {
+        None => return,
+        Some(Ok(p)) => p,
+        Some(Err(why)) => {
+            let _ = writeln!(s, "\n{why}");
+            return;
+        }
     };
     let Some(w) = plan::workloads().into_iter().find(|w| w.id == "rr1") else {
         return;
@@ -90,9 +137,6 @@ pub(super) fn null_limits(
     out: &CompareOutput,
     st: &BTreeMap<(String, String), Stats>,
 ) {
-    let Some(p) = out.machine.wake.as_ref().and_then(|w| w.cross_cpu) else {
-        return;
-    };
     let Some(w) = plan::workloads().into_iter().find(|w| w.id == "null") else {
         return;
     };
@@ -106,26 +150,14 @@ pub(super) fn null_limits(
     let (Some(bs), Some(q)) = (get("blkstack"), get("qsd")) else {
         return;
     };
-    let _ = writeln!(
-        s,
-        "\n**What bounds the `null` row on this machine.** A backend that sleeps between batches pays, per batch of {qd}, \
-         at least one cross-CPU round trip of wall time ({rt:.1} µs) and one wake-up of its own CPU time ({cpu:.1} µs), \
-         however little it does per request: at most {max} IOPS and {maxc} IOPS per CPU-s with no work at all \
-         (the targets ask for {q_iops} IOPS and {q_eff2} IOPS per CPU-s). blkstack slept {bz} times per 1000 requests \
-         (once per {per} requests); QSD, at {qus:.2} µs of CPU per request, slept {qz} times per 1000: it is mostly \
-         still busy when the next batch arrives and so rarely pays the wake-up.",
-        qd = w.iodepth,
-        rt = p.round_trip_us,
-        cpu = p.server_cpu_us,
-        max = num(p.max_iops(w.iodepth)),
-        maxc = num(p.max_iops_per_cpu_s(w.iodepth)),
-        q_iops = num(q.iops),
-        q_eff2 = q.iops_per_cpu.map_or("–".into(), |e| num(2.0 * e)),
-        bz = opt(bs.sleeps_per_kreq),
-        per = bs.sleeps_per_kreq.filter(|z| *z > 0.0).map_or("–".into(), |z| num(1000.0 / z)),
-        qz = opt(q.sleeps_per_kreq),
-        qus = q.cpu.map_or(0.0, |c| c / q.iops.max(1.0) * 1e6),
-    );
+    // A disturbed probe is reported once, by `qd1_floor`; the one-CPU
+    // comparison below does not depend on it.
+    let bounded = if let Some(Ok(p)) = usable_probe(out, st) {
+        null_bounds(s, &p, w.iodepth, bs, q);
+        true
+    } else {
+        false
+    };
     let one = |b: &str| {
         st.get(&("null-1cpu".to_string(), b.to_string()))
             .filter(|x| x.n > 0)
@@ -134,8 +166,9 @@ pub(super) fn null_limits(
         let same = out.machine.wake.as_ref().and_then(|w| w.same_cpu);
         let _ = writeln!(
             s,
-            "With client and backend on one CPU (`null-1cpu`{}), blkstack did {} IOPS against QSD's {} ({}) and {} IOPS \
+            "{}With client and backend on one CPU (`null-1cpu`{}), blkstack did {} IOPS against QSD's {} ({}) and {} IOPS \
              per CPU-s against {} ({}).",
+            if bounded { "" } else { "\n" },
             same.map_or(String::new(), |p| format!(", where a wake-up costs {:.1} µs of CPU", p.server_cpu_us)),
             num(bs1.iops),
             num(q1.iops),
@@ -145,4 +178,28 @@ pub(super) fn null_limits(
             ratio(bs1.iops_per_cpu, q1.iops_per_cpu),
         );
     }
+}
+
+/// The bounds a sleeping backend meets in the `null` row, from probe `p`.
+fn null_bounds(s: &mut String, p: &crate::bench::wake::PingPong, iodepth: u32, bs: &Stats, q: &Stats) {
+    let _ = writeln!(
+        s,
+        "\n**What bounds the `null` row on this machine.** A backend that sleeps between batches pays, per batch of {qd}, \
+         at least one cross-CPU round trip of wall time ({rt:.1} µs) and one wake-up of its own CPU time ({cpu:.1} µs), \
+         however little it does per request: at most {max} IOPS and {maxc} IOPS per CPU-s with no work at all \
+         (the targets ask for {q_iops} IOPS and {q_eff2} IOPS per CPU-s). blkstack slept {bz} times per 1000 requests \
+         (once per {per} requests); QSD, at {qus:.2} µs of CPU per request, slept {qz} times per 1000: it is mostly \
+         still busy when the next batch arrives and so rarely pays the wake-up.",
+        qd = iodepth,
+        rt = p.round_trip_us,
+        cpu = p.server_cpu_us,
+        max = num(p.max_iops(iodepth)),
+        maxc = num(p.max_iops_per_cpu_s(iodepth)),
+        q_iops = num(q.iops),
+        q_eff2 = q.iops_per_cpu.map_or("–".into(), |e| num(2.0 * e)),
+        bz = opt(bs.sleeps_per_kreq),
+        per = bs.sleeps_per_kreq.filter(|z| *z > 0.0).map_or("–".into(), |z| num(1000.0 / z)),
+        qz = opt(q.sleeps_per_kreq),
+        qus = q.cpu.map_or(0.0, |c| c / q.iops.max(1.0) * 1e6),
+    );
 }

@@ -495,7 +495,9 @@ fn run_all(args: &CompareArgs) -> Result<CompareOutput, String> {
     let (out_dir, logs, socket, image) = prepare_paths(args)?;
     let mut machine = machine(&tools);
     let each = if args.quick { Duration::from_millis(200) } else { Duration::from_secs(1) };
-    machine.wake = Some(crate::bench::wake::probe(each));
+    // Probed before the runs and again after them: the report keeps the
+    // calmer probe (a noisy moment made one read 289 µs against 60 µs).
+    let first_probe = crate::bench::wake::probe(each);
     let total: usize = workloads.iter().map(|w| w.backends.len()).sum::<usize>() * rounds;
     let budget = args.retry_budget.unwrap_or(total.div_ceil(6));
     let ctx = Ctx {
@@ -515,6 +517,7 @@ fn run_all(args: &CompareArgs) -> Result<CompareOutput, String> {
     );
     let records = run_rounds(&ctx, &workloads, rounds, total, t0)?;
     machine.load_after = super::procfs::loadavg_1m().unwrap_or(0.0);
+    machine.wake = crate::bench::wake::WakeProbe::calmest(vec![first_probe, crate::bench::wake::probe(each)]);
     let profiles = match (&tools.blkstack, args.quick || args.no_profile) {
         (Some(b), false) => profile_blkstack(&ctx, b, &workloads),
         _ => Vec::new(),

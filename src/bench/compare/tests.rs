@@ -213,6 +213,7 @@ fn null_row_gets_the_wake_up_bounds() {
         cross_cpu: Some(pp(1)),
         same_cpu: Some(pp(0)),
         notes: vec![],
+        taken_us: vec![64.0, 80.0],
     });
     let md = report::markdown(&out, &report::Links::default());
     // 32 / 64 µs = 500k IOPS; 32 / 20 µs = 1.6M IOPS per CPU-s; QSD's
@@ -263,4 +264,23 @@ fn null_row_gets_the_wake_up_bounds() {
         md.contains("64.0 µs here with no I/O at all; p50 over that floor: blkstack 66.0 µs (+2.0), QSD aio=io_uring 70.0 µs (+6.0), CH 64.0 µs (+0.0)."),
         "{md}"
     );
+    assert!(md.contains("cross-CPU round trips 64.0 and 80.0 µs: the shortest is used"), "{md}");
+    // A probe taken in a disturbed moment (longer than the QD1 p50 this
+    // run measured) bounds nothing; the report says so once.
+    if let Some(w) = out.machine.wake.as_mut() {
+        w.cross_cpu = w.cross_cpu.map(|mut c| {
+            c.round_trip_us = 289.4;
+            c
+        });
+    }
+    let md = report::markdown(&out, &report::Links::default());
+    assert_eq!(md.matches("**The wake-up probe was disturbed.**").count(), 1, "{md}");
+    assert!(
+        md.contains("Its cross-CPU round trip, 289.4 µs, is contradicted by what this run measured (")
+            && md.contains("blkstack's QD1 p50 of 66.0 µs")
+            && md.contains("blkstack's 500k IOPS in `null`"),
+        "{md}"
+    );
+    assert!(!md.contains("wake-up floor") && !md.contains("What bounds"), "{md}");
+    assert!(md.contains("\n\nWith client and backend on one CPU"), "the one-CPU comparison stays: {md}");
 }
