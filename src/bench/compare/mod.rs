@@ -719,27 +719,7 @@ fn run_once_with(
         None
     };
     let mut backend = Backend::start(prog, bargs, &ctx.socket, &blog, cpu)?;
-    let cargs: Vec<String> = vec![
-        "--socket".into(),
-        ctx.socket.to_string_lossy().into_owned(),
-        "--rw".into(),
-        w.rw.name().into(),
-        "--bs".into(),
-        w.bs.to_string(),
-        "--iodepth".into(),
-        w.iodepth.to_string(),
-        "--queues".into(),
-        w.queues.to_string(),
-        "--seconds".into(),
-        ctx.seconds.to_string(),
-        "--ramp".into(),
-        ctx.ramp.to_string(),
-        "--server-pid".into(),
-        backend.pid().to_string(),
-        "--label".into(),
-        tag.into(),
-        "--quiet".into(),
-    ];
+    let cargs = client_args(w, &ctx.socket, ctx.seconds, ctx.ramp, backend.pid(), tag);
     let json = ctx.logs.join(format!("{tag}.json"));
     let clog = ctx.logs.join(format!("{tag}.client.log"));
     let limit = Duration::from_secs_f64(ctx.seconds + ctx.ramp + 30.0);
@@ -754,6 +734,35 @@ fn run_once_with(
     };
     backend.stop(grace);
     r.map_err(|e| format!("{e} [backend: {}]", backend.log_tail()))
+}
+
+/// The client's command line for one run of `w`.
+fn client_args(w: &WorkloadSpec, socket: &Path, seconds: f64, ramp: f64, pid: u32, tag: &str) -> Vec<String> {
+    let mut cargs: Vec<String> = vec![
+        "--socket".into(),
+        socket.to_string_lossy().into_owned(),
+        "--rw".into(),
+        w.rw.name().into(),
+        "--bs".into(),
+        w.bs.to_string(),
+        "--iodepth".into(),
+        w.iodepth.to_string(),
+        "--queues".into(),
+        w.queues.to_string(),
+        "--seconds".into(),
+        seconds.to_string(),
+        "--ramp".into(),
+        ramp.to_string(),
+        "--server-pid".into(),
+        pid.to_string(),
+        "--label".into(),
+        tag.into(),
+        "--quiet".into(),
+    ];
+    if w.client_poll {
+        cargs.push("--poll".into());
+    }
+    cargs
 }
 
 #[cfg(test)]

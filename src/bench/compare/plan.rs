@@ -119,6 +119,10 @@ pub struct WorkloadSpec {
     /// Client and backend run on one CPU (the first this process may use):
     /// what a backend costs per request when waking the other side is cheap.
     pub one_cpu: bool,
+    /// The client busy-polls its completions (`bench --poll`) instead of
+    /// sleeping until the backend signals: neither side is woken from a
+    /// halted CPU, so the backend's figures are its cost per request.
+    pub client_poll: bool,
     /// Backends, blkstack first.
     pub backends: Vec<BackendSpec>,
 }
@@ -158,6 +162,7 @@ fn wl(
         throughput: bs >= M1,
         quick,
         one_cpu: false,
+        client_poll: false,
         backends,
     }
 }
@@ -212,6 +217,13 @@ pub fn workloads() -> Vec<WorkloadSpec> {
         title: "null 4k randread QD32, client and backend on one CPU",
         quick: false,
         one_cpu: true,
+        ..null_row.clone()
+    };
+    let null_client_poll = WorkloadSpec {
+        id: "null-cpoll",
+        title: "null 4k randread QD32, client polling",
+        quick: false,
+        client_poll: true,
         ..null_row.clone()
     };
     vec![
@@ -324,6 +336,7 @@ pub fn workloads() -> Vec<WorkloadSpec> {
             direct,
         ),
         null_row,
+        null_client_poll,
         null_one_cpu,
         wl(
             "mq2",

@@ -254,6 +254,28 @@ fn null_row_gets_the_wake_up_bounds() {
         md.contains("### null 4k randread QD32, client and backend on one CPU (`null-1cpu`"),
         "{md}"
     );
+    assert!(md.contains("(the client never polls here)"), "{md}");
+    // The client-polling row is judged against the same targets and set
+    // beside the others, with each side's CPU per request.
+    for (b, iops, cpu) in [("blkstack", 3_000_000.0, 0.96), ("qsd", 800_000.0, 0.98)] {
+        out.records
+            .push(rec("null-cpoll", b, 0, Some(result(iops, 8.0, cpu, 2048))));
+    }
+    out.workloads.push("null-cpoll".into());
+    let md = report::markdown(&out, &report::Links::default());
+    assert!(
+        md.contains("| null 4k randread QD32, client polling: IOPS per CPU-s ≥ 2× QSD | 3125k vs 816k = 3.83× | yes |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| null 4k randread QD32, client polling: IOPS ≥ QSD | 3000k vs 800k = 3.75× | yes |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("(`null-cpoll`), the client's vCPU never halts") && md.contains("0.32 µs of backend CPU per request against 1.22 µs."),
+        "{md}"
+    );
+    assert!(md.contains("except in `null-cpoll`, where the client busy-polls them (`--poll`)"), "{md}");
     for (b, p50) in [("blkstack", 66.0), ("qsd", 70.0), ("ch", 64.0)] {
         out.records
             .push(rec("rr1", b, 0, Some(result(15_000.0, p50, 0.4, 2048))));
@@ -282,5 +304,69 @@ fn null_row_gets_the_wake_up_bounds() {
         "{md}"
     );
     assert!(!md.contains("wake-up floor") && !md.contains("What bounds"), "{md}");
-    assert!(md.contains("\n\nWith client and backend on one CPU"), "the one-CPU comparison stays: {md}");
+    assert!(
+        md.contains("\n\nWith the client busy-polling") && md.contains("\nWith client and backend on one CPU"),
+        "the client-polling and one-CPU comparisons stay: {md}"
+    );
+}
+
+#[test]
+fn only_the_client_polling_row_gives_the_client_poll() {
+    let ws = super::plan::workloads();
+    let args = |id: &str| {
+        let w = ws.iter().find(|w| w.id == id).expect(id);
+        super::client_args(w, std::path::Path::new("/s"), 6.0, 1.0, 42, "t")
+    };
+    let polled = args("null-cpoll");
+    assert!(polled.iter().any(|a| a == "--poll"), "{polled:?}");
+    assert!(polled.windows(2).any(|p| p[0] == "--server-pid" && p[1] == "42"), "{polled:?}");
+    for id in ["null", "rr32", "rr1-poll", "null-1cpu"] {
+        assert!(!args(id).iter().any(|a| a == "--poll"), "{id}");
+    }
+    // Same workload otherwise.
+    let plain = args("null");
+    assert_eq!(&polled[..polled.len() - 1], &plain[..]);
+}
+
+/// A backend that is still busy when the next batch arrives (it sleeps far
+/// less than once per batch) may pass the sleeping backend's bound without
+/// casting doubt on the probe; one that sleeps once per batch may not.
+#[test]
+fn only_a_backend_that_sleeps_per_batch_can_contradict_the_probe() {
+    let mut out = output();
+    let cross = crate::bench::wake::PingPong {
+        client_cpu: 0,
+        server_cpu: 1,
+        round_trips: 1000,
+        round_trip_us: 64.0,
+        server_cpu_us: 20.0,
+        client_cpu_us: 19.0,
+    };
+    out.machine.wake = Some(crate::bench::wake::WakeProbe {
+        cross_cpu: Some(cross),
+        same_cpu: None,
+        notes: vec![],
+        taken_us: vec![64.0],
+    });
+    // 32 / 64 µs = 500k: 700k is over 1.2 times the bound.
+    let set = |out: &mut CompareOutput, b: &str, sleeps_per_s: f64| {
+        for r in out.records.iter_mut().filter(|r| r.workload == "null" && r.backend == b) {
+            let mut x = result(700_000.0, 40.0, 0.97, 2048);
+            if let Some(be) = x.backend.as_mut() {
+                be.sleeps_per_s = Some(sleeps_per_s);
+            }
+            r.error = None;
+            r.result = Some(x);
+        }
+    };
+    for r in out.records.iter_mut().filter(|r| r.workload == "null" && r.backend == "blkstack") {
+        r.error = None;
+        r.result = Some(result(500_000.0, 60.0, 0.4, 2048));
+    }
+    set(&mut out, "qsd", 700.0);
+    let md = report::markdown(&out, &report::Links::default());
+    assert!(!md.contains("was disturbed") && md.contains("What bounds the `null` row"), "{md}");
+    set(&mut out, "qsd", 700_000.0 / 32.0);
+    let md = report::markdown(&out, &report::Links::default());
+    assert!(md.contains("was disturbed") && md.contains("QSD aio=io_uring's 700k IOPS in `null`"), "{md}");
 }
