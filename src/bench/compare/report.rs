@@ -475,6 +475,15 @@ fn method_section(s: &mut String, out: &CompareOutput) {
             format!(", except in {}, where the client busy-polls them (`--poll`) and so never sleeps", polled.join(", "))
         }
     );
+    if let Some(first) = out.warm_up.first() {
+        let _ = writeln!(
+            s,
+            "- Before round 1, `{}` ran once against each backend unmeasured (warm-up: the first measured run \
+             would otherwise take whatever the host was still doing about the image's preparation and the wake-up \
+             probe); those runs are listed first under every run below and count in no figure.",
+            first.workload
+        );
+    }
     let _ = writeln!(
         s,
         "- Polling rows turn on polling in the backend only: blkstack `poll-us={}`, CH `poll_queue=true`, \
@@ -531,7 +540,8 @@ fn all_runs(s: &mut String, out: &CompareOutput) {
         s,
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
-    for r in &out.records {
+    let warm = out.warm_up.iter().map(|r| (true, r));
+    for (warm_up, r) in warm.chain(out.records.iter().map(|r| (false, r))) {
         let cells = match &r.result {
             Some(x) => format!(
                 "{} | {} | {} | {} | {} | {} | {} | {}",
@@ -549,7 +559,7 @@ fn all_runs(s: &mut String, out: &CompareOutput) {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {cells} | {} |",
-            r.round + 1,
+            if warm_up { "warm-up".to_string() } else { (r.round + 1).to_string() },
             r.workload,
             r.backend,
             r.attempts

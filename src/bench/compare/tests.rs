@@ -131,6 +131,7 @@ fn output() -> CompareOutput {
         retries_skipped: 0,
         profiles: vec![],
         options: vec![],
+        warm_up: vec![],
     }
 }
 
@@ -369,4 +370,19 @@ fn only_a_backend_that_sleeps_per_batch_can_contradict_the_probe() {
     set(&mut out, "qsd", 700_000.0 / 32.0);
     let md = report::markdown(&out, &report::Links::default());
     assert!(md.contains("was disturbed") && md.contains("QSD aio=io_uring's 700k IOPS in `null`"), "{md}");
+}
+
+/// Warm-up runs are listed but count in no median.
+#[test]
+fn warm_up_runs_are_shown_and_not_counted() {
+    let mut out = output();
+    let before = report::markdown(&out, &report::Links::default());
+    assert!(!before.contains("warm-up"), "{before}");
+    out.warm_up
+        .push(rec("rr32", "blkstack", 0, Some(result(1.0, 5000.0, 1.0, 2048))));
+    let md = report::markdown(&out, &report::Links::default());
+    assert!(md.contains("- Before round 1, `rr32` ran once against each backend unmeasured"), "{md}");
+    assert!(md.contains("| warm-up | rr32 | blkstack | 1.00 | 0.00 | 5000 |"), "{md}");
+    let table = |m: &str| m.split("## Method").next().map(str::to_string);
+    assert_eq!(table(&before), table(&md), "the figures above the method are unchanged");
 }
