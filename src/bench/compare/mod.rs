@@ -618,8 +618,8 @@ fn launch<'t>(
 /// image's preparation (4 GiB read back from the virtual disk) and the
 /// wake-up probe, and whichever backend went first absorbed what the host
 /// was still doing about them: that was always blkstack's QD1 run (in one
-/// full run its p50 was 64.3 µs there and 58.6 µs in round 3, both at
-/// 0.1-0.2 % steal, while the two backends right after it measured 56.6
+/// full run its p50 was 64.3 µs there and 58.6 µs in round 3, at 0.23 and
+/// 0.08 % steal, while the two backends right after it measured 56.6
 /// and 53.0 µs).
 fn warm_up(ctx: &Ctx, workloads: &[WorkloadSpec]) -> Result<Vec<RunRecord>, String> {
     let Some(w) = workloads.first() else {
