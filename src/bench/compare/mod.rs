@@ -453,6 +453,22 @@ fn prepare_paths(args: &CompareArgs) -> Result<(PathBuf, PathBuf, PathBuf, Strin
 }
 
 /// All rounds: each workload against each backend, rotating who goes first.
+/// Runs `run` for workload `w` with the image as every run finds it:
+/// pre-read before (not once per round: the host may reclaim page cache that
+/// has been cold for a while, DAMON_RECLAIM on this VM, so a random-read run
+/// could otherwise find part of the image evicted and measure the disk), and
+/// synced after a run that wrote, so writeback does not spill into the next.
+fn with_image_ready(ctx: &Ctx, w: &WorkloadSpec, run: impl FnOnce() -> RunRecord) -> Result<RunRecord, String> {
+    if w.backing != plan::Backing::Null {
+        runner::preread(Path::new(&ctx.image))?;
+    }
+    let rec = run();
+    if w.rw.writes() {
+        runner::sync_image(Path::new(&ctx.image))?;
+    }
+    Ok(rec)
+}
+
 fn run_rounds(
     ctx: &Ctx,
     workloads: &[WorkloadSpec],
@@ -464,19 +480,9 @@ fn run_rounds(
     for round in 0..rounds {
         for (wi, w) in workloads.iter().enumerate() {
             for (order, b) in plan::rotated(w, wi, round).iter().enumerate() {
-                // Before every run, not once per round: the host may reclaim
-                // page cache that has been cold for a while (DAMON_RECLAIM on
-                // this VM), so a random-read run could otherwise find part
-                // of the image evicted and measure the disk.
-                if w.backing != plan::Backing::Null {
-                    runner::preread(Path::new(&ctx.image))?;
-                }
-                let rec = run_with_retries(ctx, w, b, round, order);
+                let rec = with_image_ready(ctx, w, || run_with_retries(ctx, w, b, round, order))?;
                 progress_line(&rec, records.len() + 1, total, t0);
                 records.push(rec);
-                if w.rw.writes() {
-                    runner::sync_image(Path::new(&ctx.image))?;
-                }
             }
         }
     }
@@ -627,20 +633,17 @@ fn warm_up(ctx: &Ctx, workloads: &[WorkloadSpec]) -> Result<Vec<RunRecord>, Stri
     };
     let mut v = Vec::new();
     for (order, b) in plan::rotated(w, 0, 0).iter().enumerate() {
-        if w.backing != plan::Backing::Null {
-            runner::preread(Path::new(&ctx.image))?;
-        }
-        let (prog, bargs, mut rec) = launch(ctx, w, b, 0, order);
-        rec.attempts = 1;
-        let tag = format!("warmup-{}-{}", w.id, b.id());
-        match run_once(ctx, w, b, prog, &bargs, &tag) {
-            Ok(r) => rec.result = Some(r),
-            Err(e) => rec.error = Some(e),
-        }
+        let rec = with_image_ready(ctx, w, || {
+            let (prog, bargs, mut rec) = launch(ctx, w, b, 0, order);
+            rec.attempts = 1;
+            let tag = format!("warmup-{}-{}", w.id, b.id());
+            match run_once(ctx, w, b, prog, &bargs, &tag) {
+                Ok(r) => rec.result = Some(r),
+                Err(e) => rec.error = Some(e),
+            }
+            rec
+        })?;
         eprintln!("compare: warm-up {} {}: {}", w.id, b.id(), rec.result.as_ref().map_or("failed".to_string(), |r| format!("{:.0} IOPS, p50 {:.1} us", r.iops, r.lat_us.p50)));
-        if w.rw.writes() {
-            runner::sync_image(Path::new(&ctx.image))?;
-        }
         v.push(rec);
     }
     Ok(v)
