@@ -202,13 +202,25 @@ impl AlignedBuf {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
     }
 
+    /// The alignment it was allocated with.
+    pub fn align(&self) -> usize {
+        self.layout.align()
+    }
+
     /// An `IoVecs` over the whole buffer. The buffer must outlive every use of it.
     pub fn iovecs(&mut self) -> IoVecs {
+        self.prefix_iovecs(self.layout.size())
+    }
+
+    /// An `IoVecs` over the first `len` bytes (at most the whole buffer).
+    /// The buffer must outlive every use of it.
+    pub fn prefix_iovecs(&mut self, len: usize) -> IoVecs {
         let mut v = IoVecs::with_capacity(1);
-        // SAFETY: the buffer is valid for reads and writes while `self` lives;
-        // callers keep the buffer alive across the I/O (it is a local of the
-        // request future that awaits the I/O).
-        unsafe { v.push_raw(self.ptr.as_ptr(), self.layout.size()) };
+        // SAFETY: the first `len` (clamped to the size) bytes are valid for
+        // reads and writes while `self` lives; callers keep the buffer alive
+        // across the I/O (it is a local of the request future that awaits
+        // the I/O).
+        unsafe { v.push_raw(self.ptr.as_ptr(), len.min(self.layout.size())) };
         v
     }
 }

@@ -538,6 +538,37 @@ fn simple_replies_for_every_command() {
     disconnect(s, t);
 }
 
+/// Payload buffers are reused on a connection (`BufPool`): a read into a
+/// buffer that held other data returns only what it read, whatever its size.
+#[test]
+fn reused_buffers_carry_only_the_new_data() {
+    let reg = registry();
+    let (mut s, t) = connect(&reg, 1);
+    open(&mut s, "disk", true);
+    let a = vec![0xaau8; 16384];
+    request(&mut s, CMD_WRITE, 0, 1, 0, 16384, &a);
+    assert_eq!(chunk(&mut s).1, REPLY_TYPE_NONE);
+    request(&mut s, CMD_READ, 0, 2, 0, 16384, &[]);
+    let (_, ty, cookie, data) = chunk(&mut s);
+    assert_eq!((ty, cookie), (REPLY_TYPE_OFFSET_DATA, 2));
+    assert_eq!(data[8..], a[..]);
+    // Smaller reads of never-written space, likely into the 16 KiB buffer.
+    for (cookie, len) in [(3u64, 5000u32), (4, 4096), (5, 16384)] {
+        request(&mut s, CMD_READ, 0, cookie, 40 * PAGE, len, &[]);
+        let (_, ty, c, data) = chunk(&mut s);
+        assert_eq!((ty, c), (REPLY_TYPE_OFFSET_DATA, cookie));
+        assert_eq!(data.len(), 8 + len as usize);
+        assert!(data[8..].iter().all(|&b| b == 0), "stale bytes in read {cookie}");
+    }
+    // A failed read sends no data, and the next read is clean.
+    request(&mut s, CMD_READ, 0, 6, BAD_OFFSET, 4096, &[]);
+    assert_eq!(chunk(&mut s).1, REPLY_TYPE_ERROR);
+    request(&mut s, CMD_READ, 0, 7, 40 * PAGE, 8192, &[]);
+    let data = chunk(&mut s).3;
+    assert!(data[8..].iter().all(|&b| b == 0));
+    disconnect(s, t);
+}
+
 #[test]
 fn read_only_export_refuses_writes_with_eperm() {
     let reg = registry();
