@@ -227,6 +227,78 @@ fn bench_against_blkstack_null() {
     assert!(num(&v, &["reads"]) > 0.0);
 }
 
+/// `--nbd`: qemu-img bench drives blkstack's NBD export; its writes land in
+/// the image, and what qemu-img bench cannot do is refused up front.
+#[test]
+fn bench_over_nbd_with_qemu_img() {
+    if !works("qemu-img", &["--version"]) || !works(bin(), &["serve", "--help"]) {
+        eprintln!("SKIP: qemu-img or `blkstack serve` not available");
+        return;
+    }
+    let dir = scratch("bench-nbd");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 16 << 20]).expect("image");
+    let socket = dir.join("n.sock");
+    let args = vec![
+        "serve".to_string(),
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=f0,filename={}", img.display()),
+        "--nbd-server".to_string(),
+        format!("addr.type=unix,addr.path={}", socket.display()),
+        "--export".to_string(),
+        "type=nbd,id=n0,node-name=f0,name=disk,writable=on".to_string(),
+    ];
+    let b = start(bin(), &args, &socket, &dir.join("blkstack.log"));
+    let uri = format!("nbd+unix:///disk?socket={}", socket.display());
+    let json = dir.join("result.json");
+    let out = run_bench(&[
+        "--nbd".into(),
+        uri.clone(),
+        "--rw".into(),
+        "write".into(),
+        "--bs".into(),
+        "64k".into(),
+        "--iodepth".into(),
+        "8".into(),
+        "--seconds".into(),
+        "1".into(),
+        "--ramp".into(),
+        "0.2".into(),
+        "--server-pid".into(),
+        b.0.id().to_string(),
+        "--json".into(),
+        json.display().to_string(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("IOPS") && stdout.contains("latency     n/a"), "{stdout}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("json file")).expect("valid JSON");
+    assert_eq!(v["workload"]["client"], "qemu-img-bench");
+    assert_eq!(v["workload"]["rw"], "write");
+    assert!(num(&v, &["iops"]) > 0.0, "{v}");
+    assert_eq!(num(&v, &["writes"]), num(&v, &["ops"]));
+    assert_eq!(num(&v, &["bytes"]), num(&v, &["ops"]) * 65536.0);
+    assert_eq!(num(&v, &["device", "capacity"]), f64::from(16u32 << 20));
+    let el = num(&v, &["elapsed_s"]);
+    assert!(el > 0.0 && el < 30.0, "elapsed {el}");
+    assert!(num(&v, &["backend", "cpu_s_per_s"]) >= 0.0);
+    // Counted while the connection lived, so a number, not null.
+    assert!(num(&v, &["backend", "sleeps_per_s"]) >= 0.0, "{v}");
+    assert!(num(&v, &["host", "client_cpu_s_per_s"]) > 0.0, "{v}");
+    // qemu-img bench wrote its pattern from offset 0 on.
+    let data = std::fs::read(&img).expect("read image");
+    assert!(data[..65536].iter().all(|&x| x == 90), "the writes did not reach the image");
+    drop(b);
+    for bad in [&["--rw", "randread"][..], &["--rw", "read", "--queues", "2"]] {
+        let mut a = vec!["--nbd".to_string(), uri.clone()];
+        a.extend(bad.iter().map(|x| x.to_string()));
+        let out = run_bench(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("--nbd: qemu-img bench"), "{err}");
+    }
+}
+
 #[test]
 fn bench_reports_bad_input_without_panicking() {
     let out = run_bench(&[

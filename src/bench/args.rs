@@ -47,8 +47,18 @@ impl RwMode {
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
     /// The vhost-user-blk UNIX socket of the backend.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "nbd")]
     pub socket: Option<PathBuf>,
+
+    /// An NBD export instead (`nbd+unix:///NAME?socket=PATH`, `nbd://HOST:PORT/NAME`),
+    /// driven by `qemu-img bench`: sequential requests (`--rw read` or `write`),
+    /// one connection, no latency figures.
+    #[arg(long, value_name = "URI")]
+    pub nbd: Option<String>,
+
+    /// The `qemu-img` that drives `--nbd` runs.
+    #[arg(long, value_name = "PATH", default_value = "qemu-img")]
+    pub qemu_img: PathBuf,
 
     /// Access pattern.
     #[arg(long, value_enum, default_value = "randread")]

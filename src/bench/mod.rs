@@ -25,6 +25,7 @@ pub mod args;
 pub mod client;
 pub mod compare;
 pub mod hist;
+pub mod nbd;
 pub mod procfs;
 pub mod result;
 pub mod run;

@@ -96,6 +96,60 @@ pub fn process_sleeps(pid: u32) -> Result<u64, String> {
     Ok(sum)
 }
 
+/// Counts the sleeps of a process whose threads come and go (an NBD server
+/// with a thread per connection): [`process_sleeps`] sums the threads alive
+/// when it looks, so a connection's thread that ended before the last look
+/// is lost. Sampled often, this keeps each thread's last count; what a
+/// thread does between the last sample and its exit is still missed.
+#[derive(Debug, Default)]
+pub struct SleepTracker {
+    /// Per thread: its count when first seen, its latest.
+    threads: std::collections::HashMap<u32, (u64, u64)>,
+    /// Sleeps of threads whose ID was taken over by a new thread.
+    retired: u64,
+}
+
+impl SleepTracker {
+    /// Reads every thread of `pid`; a thread first seen now counts from
+    /// zero unless `baseline` (the first sample: what it did before is not
+    /// part of the run).
+    pub fn sample(&mut self, pid: u32, baseline: bool) -> Result<(), String> {
+        let dir = format!("/proc/{pid}/task");
+        for entry in fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))? {
+            let entry = entry.map_err(|e| format!("{dir}: {e}"))?;
+            let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(text) = fs::read_to_string(entry.path().join("status")) else {
+                continue;
+            };
+            let n = parse_voluntary_switches(&text)?;
+            self.record(tid, n, baseline);
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, tid: u32, n: u64, baseline: bool) {
+        match self.threads.get_mut(&tid) {
+            // A lower count: the ID now names a new thread.
+            Some((first, last)) if n < *last => {
+                self.retired += *last - *first;
+                *first = 0;
+                *last = n;
+            }
+            Some((_, last)) => *last = n,
+            None => {
+                self.threads.insert(tid, (if baseline { n } else { 0 }, n));
+            }
+        }
+    }
+
+    /// Sleeps since the baseline.
+    pub fn total(&self) -> u64 {
+        self.retired + self.threads.values().map(|(first, last)| last - first).sum::<u64>()
+    }
+}
+
 /// Aggregate host CPU times from the first line of `/proc/stat`, in ticks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HostCpu {
@@ -217,5 +271,18 @@ mod tests {
         assert!(process_cpu_seconds(pid).is_ok());
         assert!(process_rss_kib(pid).map(|k| k > 0).unwrap_or(false));
         assert!(HostCpu::read().is_ok());
+    }
+
+    #[test]
+    fn sleep_tracker_keeps_threads_that_left() {
+        let mut t = SleepTracker::default();
+        t.record(10, 100, true); // there before the run
+        t.record(11, 5, false); // a connection's thread
+        t.record(10, 130, false);
+        t.record(11, 40, false);
+        assert_eq!(t.total(), 30 + 40);
+        // Thread 11 has gone and its ID names a new thread.
+        t.record(11, 3, false);
+        assert_eq!(t.total(), 30 + 40 + 3);
     }
 }

@@ -32,6 +32,28 @@ pub struct Workload {
     pub seconds: f64,
     /// Warm-up before measuring.
     pub ramp_seconds: f64,
+    /// The program that issued the requests.
+    #[serde(default)]
+    pub client: ClientKind,
+}
+
+/// The program that issued a run's requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientKind {
+    /// This program's libblkio frontend (vhost-user-blk): every figure.
+    #[default]
+    Libblkio,
+    /// `qemu-img bench` over NBD: sequential requests, and no latency
+    /// figures (it reports only the run's total time).
+    QemuImgBench,
+}
+
+impl ClientKind {
+    /// Whether the run measured per-request latency.
+    pub fn has_latency(self) -> bool {
+        self == ClientKind::Libblkio
+    }
 }
 
 /// Latency figures in microseconds.
@@ -180,10 +202,14 @@ impl BenchResult {
             "  IOPS       {:>12.0}   MiB/s {:.1}   (reads {}, writes {}, errors {})\n",
             self.iops, self.mib_s, self.reads, self.writes, self.errors
         );
-        s += &format!(
-            "  latency us  mean {:.1}  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}\n",
-            l.mean, l.p50, l.p90, l.p99, l.p99_9, l.max
-        );
+        if w.client.has_latency() {
+            s += &format!(
+                "  latency us  mean {:.1}  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}\n",
+                l.mean, l.p50, l.p90, l.p99, l.p99_9, l.max
+            );
+        } else {
+            s += "  latency     n/a (qemu-img bench reports only the run's total time)\n";
+        }
         if let Some(b) = &self.backend {
             s += &format!(
                 "  backend     pid {}  CPU {} s/s  RSS {}  sleeps {}\n",

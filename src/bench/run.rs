@@ -14,9 +14,9 @@ use super::procfs::{self, HostCpu};
 use super::result::{Backend, BenchResult, Host, Latency, Workload};
 
 /// Figures sampled at the start and the end of the measured time.
-struct Snapshot {
-    at: Instant,
-    host: Result<HostCpu, String>,
+pub(super) struct Snapshot {
+    pub(super) at: Instant,
+    pub(super) host: Result<HostCpu, String>,
     backend_cpu: Option<Result<f64, String>>,
     backend_rss_kib: Option<Result<u64, String>>,
     backend_sleeps: Option<Result<u64, String>>,
@@ -24,7 +24,7 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn take(pid: Option<u32>) -> Snapshot {
+    pub(super) fn take(pid: Option<u32>) -> Snapshot {
         Snapshot {
             at: Instant::now(),
             host: HostCpu::read(),
@@ -38,7 +38,10 @@ impl Snapshot {
 
 /// Runs the benchmark described by `args` and returns what it measured.
 pub fn run(args: &RunArgs) -> Result<BenchResult, String> {
-    let socket = args.socket.as_ref().ok_or("--socket PATH is required")?;
+    if let Some(uri) = &args.nbd {
+        return super::nbd::run(args, uri);
+    }
+    let socket = args.socket.as_ref().ok_or("--socket PATH (or --nbd URI) is required")?;
     let mut shape = IoShape {
         rw: args.rw,
         bs: args.bs,
@@ -207,7 +210,7 @@ impl<'a> Progress<'a> {
     }
 }
 
-fn cpu_rate(
+pub(super) fn cpu_rate(
     a: &Option<Result<f64, String>>,
     b: &Option<Result<f64, String>>,
     secs: f64,
@@ -245,22 +248,11 @@ fn assemble(
     let backend = args
         .server_pid
         .map(|pid| backend_figures(pid, start, end, secs));
-    let host = Host {
-        steal_pct: match (&start.host, &end.host) {
-            (Ok(a), Ok(b)) => Some(a.steal_pct(b)),
-            _ => None,
-        },
-        busy_cpus: match (&start.host, &end.host) {
-            (Ok(a), Ok(b)) => Some(a.busy_cpus(b, secs)),
-            _ => None,
-        },
-        cpus: thread::available_parallelism().map_or(0, |n| n.get()),
-        loadavg_1m: procfs::loadavg_1m().ok(),
-        client_cpu_s_per_s: match (&start.client_cpu, &end.client_cpu) {
-            (Ok(a), Ok(b)) => Some((b - a).max(0.0) / secs),
-            _ => None,
-        },
+    let client_cpu = match (&start.client_cpu, &end.client_cpu) {
+        (Ok(a), Ok(b)) => Some((b - a).max(0.0)),
+        _ => None,
     };
+    let host = host_figures(start, end, secs, client_cpu);
     BenchResult {
         schema: super::result::SCHEMA_VERSION,
         label: args.label.clone(),
@@ -275,6 +267,7 @@ fn assemble(
             rwmixread: shape.rwmixread,
             seconds: args.seconds,
             ramp_seconds: args.ramp,
+            client: super::result::ClientKind::Libblkio,
         },
         device: client::DeviceInfo::default(),
         elapsed_s: secs,
@@ -292,7 +285,23 @@ fn assemble(
     }
 }
 
-fn backend_figures(pid: u32, start: &Snapshot, end: &Snapshot, secs: f64) -> Backend {
+/// The host's figures between two snapshots; `client_cpu` is the client's
+/// CPU seconds over them.
+pub(super) fn host_figures(start: &Snapshot, end: &Snapshot, secs: f64, client_cpu: Option<f64>) -> Host {
+    let (steal_pct, busy_cpus) = match (&start.host, &end.host) {
+        (Ok(a), Ok(b)) => (Some(a.steal_pct(b)), Some(a.busy_cpus(b, secs))),
+        _ => (None, None),
+    };
+    Host {
+        steal_pct,
+        busy_cpus,
+        cpus: thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg_1m: procfs::loadavg_1m().ok(),
+        client_cpu_s_per_s: client_cpu.map(|c| c / secs),
+    }
+}
+
+pub(super) fn backend_figures(pid: u32, start: &Snapshot, end: &Snapshot, secs: f64) -> Backend {
     let mut b = Backend {
         pid,
         ..Default::default()

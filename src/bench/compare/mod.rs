@@ -561,16 +561,25 @@ fn run_all(args: &CompareArgs) -> Result<CompareOutput, String> {
     Ok(out)
 }
 
+/// A latency figure for the progress lines: "-" where the client measured none.
+fn latency(r: &BenchResult, us: f64) -> String {
+    if r.workload.client.has_latency() {
+        format!("{us:.1}")
+    } else {
+        "-".to_string()
+    }
+}
+
 fn progress_line(rec: &RunRecord, n: usize, total: usize, t0: Instant) {
     let el = t0.elapsed().as_secs_f64();
     let eta = el / n as f64 * (total - n) as f64;
     let what = match (&rec.result, &rec.error) {
         (Some(r), _) => format!(
-            "{:>9.0} IOPS {:>8.1} MiB/s p50 {:>7.1} us p99 {:>8.1} us cpu {} steal {:.1}%",
+            "{:>9.0} IOPS {:>8.1} MiB/s p50 {:>7} us p99 {:>8} us cpu {} steal {:.1}%",
             r.iops,
             r.mib_s,
-            r.lat_us.p50,
-            r.lat_us.p99,
+            latency(r, r.lat_us.p50),
+            latency(r, r.lat_us.p99),
             r.backend
                 .as_ref()
                 .and_then(|b| b.cpu_s_per_s)
@@ -643,7 +652,7 @@ fn warm_up(ctx: &Ctx, workloads: &[WorkloadSpec]) -> Result<Vec<RunRecord>, Stri
             }
             rec
         })?;
-        eprintln!("compare: warm-up {} {}: {}", w.id, b.id(), rec.result.as_ref().map_or("failed".to_string(), |r| format!("{:.0} IOPS, p50 {:.1} us", r.iops, r.lat_us.p50)));
+        eprintln!("compare: warm-up {} {}: {}", w.id, b.id(), rec.result.as_ref().map_or("failed".to_string(), |r| format!("{:.0} IOPS, p50 {} us", r.iops, latency(r, r.lat_us.p50))));
         v.push(rec);
     }
     Ok(v)
@@ -793,17 +802,20 @@ fn run_once_with(
 
 /// The client's command line for one run of `w`.
 fn client_args(w: &WorkloadSpec, socket: &Path, seconds: f64, ramp: f64, pid: u32, tag: &str) -> Vec<String> {
+    let socket = socket.to_string_lossy().into_owned();
+    let (how, to) = match w.transport {
+        plan::Transport::VhostUser => ("--socket", socket),
+        plan::Transport::Nbd => ("--nbd", plan::nbd_uri(&socket)),
+    };
     let mut cargs: Vec<String> = vec![
-        "--socket".into(),
-        socket.to_string_lossy().into_owned(),
+        how.into(),
+        to,
         "--rw".into(),
         w.rw.name().into(),
         "--bs".into(),
         w.bs.to_string(),
         "--iodepth".into(),
         w.iodepth.to_string(),
-        "--queues".into(),
-        w.queues.to_string(),
         "--seconds".into(),
         seconds.to_string(),
         "--ramp".into(),
@@ -814,6 +826,9 @@ fn client_args(w: &WorkloadSpec, socket: &Path, seconds: f64, ramp: f64, pid: u3
         tag.into(),
         "--quiet".into(),
     ];
+    if w.transport == plan::Transport::VhostUser {
+        cargs.extend(["--queues".into(), w.queues.to_string()]);
+    }
     if w.client_poll {
         cargs.push("--poll".into());
     }

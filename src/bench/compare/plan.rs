@@ -14,6 +14,17 @@ pub enum Backing {
     Null,
 }
 
+/// How the client reaches the export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// vhost-user-blk, driven by this program's libblkio client.
+    VhostUser,
+    /// An NBD export on the same socket path, driven by `qemu-img bench`
+    /// (`blkstack bench --nbd`): sequential requests, no latency figures.
+    /// Not a target of issue 12; CH has no NBD server.
+    Nbd,
+}
+
 /// qemu-storage-daemon's `aio=` engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Aio {
@@ -123,6 +134,8 @@ pub struct WorkloadSpec {
     /// sleeping until the backend signals: neither side is woken from a
     /// halted CPU, so the backend's figures are its cost per request.
     pub client_poll: bool,
+    /// vhost-user-blk or NBD.
+    pub transport: Transport,
     /// Backends, blkstack first.
     pub backends: Vec<BackendSpec>,
 }
@@ -163,6 +176,7 @@ fn wl(
         quick,
         one_cpu: false,
         client_poll: false,
+        transport: Transport::VhostUser,
         backends,
     }
 }
@@ -190,7 +204,8 @@ pub fn workloads() -> Vec<WorkloadSpec> {
             poll: false,
         },
     ];
-    let null = vec![
+    // blkstack and QSD: `null-co` and NBD have no CH counterpart.
+    let duo = vec![
         BackendSpec {
             engine: Engine::Blkstack,
             poll: false,
@@ -210,7 +225,7 @@ pub fn workloads() -> Vec<WorkloadSpec> {
         Null,
         false,
         true,
-        null,
+        duo.clone(),
     );
     let null_one_cpu = WorkloadSpec {
         id: "null-1cpu",
@@ -218,6 +233,10 @@ pub fn workloads() -> Vec<WorkloadSpec> {
         quick: false,
         one_cpu: true,
         ..null_row.clone()
+    };
+    let nbd = |id, title, rw, bs, iodepth| WorkloadSpec {
+        transport: Transport::Nbd,
+        ..wl(id, title, rw, bs, iodepth, 1, File, false, false, duo.clone())
     };
     let null_client_poll = WorkloadSpec {
         id: "null-cpoll",
@@ -338,6 +357,9 @@ pub fn workloads() -> Vec<WorkloadSpec> {
         null_row,
         null_client_poll,
         null_one_cpu,
+        nbd("nbd-read4k", "4k read QD32 over NBD", Read, K4, 32),
+        nbd("nbd-write4k", "4k write QD32 over NBD", Write, K4, 32),
+        nbd("nbd-read1m", "1M read QD8 over NBD", Read, M1, 8),
         wl(
             "mq2",
             "4k randread QD32, 2 queues",
@@ -410,6 +432,14 @@ pub struct LaunchParams<'a> {
     pub poll_us: u32,
 }
 
+/// The name of the NBD export in the NBD rows.
+pub const NBD_EXPORT: &str = "disk";
+
+/// The URI of the NBD export on `socket`.
+pub fn nbd_uri(socket: &str) -> String {
+    format!("nbd+unix:///{NBD_EXPORT}?socket={socket}")
+}
+
 /// Program arguments (without the program) to start `b` for `w`.
 pub fn backend_args(b: &BackendSpec, w: &WorkloadSpec, p: &LaunchParams) -> Vec<String> {
     let q = w.queues;
@@ -443,6 +473,20 @@ pub fn backend_args(b: &BackendSpec, w: &WorkloadSpec, p: &LaunchParams) -> Vec<
                 p.socket
             );
             let mut args = Vec::new();
+            if w.transport == Transport::Nbd {
+                if b.engine == Engine::Blkstack {
+                    args.push("serve".to_string());
+                }
+                args.extend([
+                    "--blockdev".to_string(),
+                    node,
+                    "--nbd-server".to_string(),
+                    format!("addr.type=unix,addr.path={}", p.socket),
+                    "--export".to_string(),
+                    format!("type=nbd,id=e0,node-name=f0,name={NBD_EXPORT},writable=on"),
+                ]);
+                return args;
+            }
             if b.engine == Engine::Blkstack {
                 args.push("serve".to_string());
                 if b.poll {
@@ -492,6 +536,18 @@ mod tests {
         assert!(
             backend_args(&poll.backends[2], poll, &p)[1].ends_with("direct=false,poll_queue=true")
         );
+        let nbd = ws.iter().find(|w| w.id == "nbd-write4k").expect("nbd-write4k");
+        assert_eq!(
+            backend_args(&nbd.backends[0], nbd, &p).join(" "),
+            "serve --blockdev driver=file,node-name=f0,filename=/i.img --nbd-server addr.type=unix,addr.path=/s.sock \
+             --export type=nbd,id=e0,node-name=f0,name=disk,writable=on"
+        );
+        assert_eq!(
+            backend_args(&nbd.backends[1], nbd, &p).join(" "),
+            "--blockdev driver=file,node-name=f0,filename=/i.img,aio=io_uring --nbd-server addr.type=unix,addr.path=/s.sock \
+             --export type=nbd,id=e0,node-name=f0,name=disk,writable=on"
+        );
+        assert_eq!(nbd_uri("/s.sock"), "nbd+unix:///disk?socket=/s.sock");
         let null = ws.iter().find(|w| w.id == "null").expect("null");
         assert!(backend_args(&null.backends[0], null, &p)[2].starts_with("driver=null-co"));
         for w in &ws {

@@ -21,6 +21,7 @@ fn result(iops: f64, p50: f64, cpu: f64, rss_kib: u64) -> BenchResult {
             rwmixread: 50,
             seconds: 1.0,
             ramp_seconds: 0.0,
+            client: Default::default(),
         },
         device: DeviceInfo::default(),
         elapsed_s: 1.0,
@@ -327,6 +328,22 @@ fn only_the_client_polling_row_gives_the_client_poll() {
     // Same workload otherwise.
     let plain = args("null");
     assert_eq!(&polled[..polled.len() - 1], &plain[..]);
+}
+
+#[test]
+fn nbd_rows_run_qemu_img_bench_on_the_export() {
+    let ws = super::plan::workloads();
+    for w in ws.iter().filter(|w| w.transport == super::plan::Transport::Nbd) {
+        let a = super::client_args(w, std::path::Path::new("/s"), 6.0, 1.0, 42, "t");
+        assert_eq!(a[..2], ["--nbd", "nbd+unix:///disk?socket=/s"], "{}", w.id);
+        // Nothing qemu-img bench cannot do (`--nbd` refuses it).
+        assert!(!a.iter().any(|x| x == "--socket" || x == "--queues" || x == "--poll"), "{a:?}");
+        assert!(!w.rw.is_random() && w.queues == 1 && !w.poll, "{}", w.id);
+        assert!(w.backends.iter().all(|b| b.engine != super::plan::Engine::Ch), "{}", w.id);
+    }
+    let v = super::client_args(&ws[0], std::path::Path::new("/s"), 6.0, 1.0, 42, "t");
+    assert_eq!(v[..2], ["--socket", "/s"]);
+    assert!(v.windows(2).any(|p| p[0] == "--queues" && p[1] == "1"), "{v:?}");
 }
 
 /// A backend that is still busy when the next batch arrives (it sleeps far
