@@ -74,6 +74,18 @@ pub fn shape(args: &RunArgs) -> Result<Shape, String> {
     })
 }
 
+/// Checks that `uri` is an NBD URI (and so cannot be taken for an option
+/// or a local file by `qemu-img`).
+pub fn check_uri(uri: &str) -> Result<(), String> {
+    let scheme = uri.split_once("://").map(|(s, _)| s);
+    match scheme {
+        Some("nbd" | "nbd+unix" | "nbd+tcp") => Ok(()),
+        _ => Err(format!(
+            "--nbd: '{uri}' is not an NBD URI (nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH)"
+        )),
+    }
+}
+
 /// The arguments of `qemu-img bench` for `count` requests.
 pub fn bench_args(uri: &str, s: &Shape, count: u64) -> Vec<String> {
     let mut v: Vec<String> = vec![
@@ -193,6 +205,7 @@ pub fn count_for(count: u64, took: Duration, seconds: f64, depth: u32) -> u64 {
 /// One run against the NBD export `uri`.
 pub fn run(args: &RunArgs, uri: &str) -> Result<BenchResult, String> {
     let s = shape(args)?;
+    check_uri(uri)?;
     let qi = args.qemu_img.as_path();
     let capacity = export_size(qi, uri, Duration::from_secs_f64(args.connect_timeout))?;
     if capacity < s.bs {
@@ -322,6 +335,16 @@ mod tests {
         }
         // --socket and --nbd name two different backends.
         assert!(T::try_parse_from(["t", "--nbd", "nbd://h/d", "--socket", "/s"]).is_err());
+    }
+
+    #[test]
+    fn only_nbd_uris_are_passed_to_qemu_img() {
+        for ok in ["nbd://h:10809/d", "nbd+unix:///d?socket=/s", "nbd+tcp://h/d"] {
+            assert_eq!(check_uri(ok), Ok(()), "{ok}");
+        }
+        for bad in ["-h", "--help", "/tmp/disk.img", "file:///x", "nbds://h/d", "nbd:/x", ""] {
+            assert!(check_uri(bad).is_err_and(|e| e.starts_with("--nbd: ")), "{bad}");
+        }
     }
 
     #[test]
