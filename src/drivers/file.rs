@@ -41,12 +41,13 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::block::{boxed, BlockDriver, BlockError, BlockResult, BlockStatus, Caps, ErrorKind, IoFuture, IoVecs, Limits};
+use crate::block::shard::{self, SHARDS};
 use crate::block::AlignedBuf;
 use crate::runtime::Op;
 
@@ -215,6 +216,10 @@ const BLKSSZGET: libc::c_ulong = 0x1268;
 /// The `file` driver.
 pub struct FileDriver {
     file: File,
+    /// Per-thread open file descriptions of the same file, for the reads
+    /// and writes a thread issues itself (at [`shard::index`]; `None` when
+    /// reopening failed, and the thread uses `file`): see [`Self::io_fd`].
+    io_files: Box<[OnceLock<Option<File>>; SHARDS]>,
     filename: String,
     engine: Aio,
     direct: bool,
@@ -253,12 +258,33 @@ impl FileDriver {
         lock_image(&file, &opts.filename, opts.locking, read_only, flags.force_share)?;
         let (align, mem_align) = if flags.direct { probe_alignment(file.as_raw_fd(), blockdev, len) } else { (1, 1) };
         let engine = if opts.aio == Aio::Threads { Aio::Threads } else { Aio::IoUring };
-        let d = FileDriver { file, filename: opts.filename.clone(), engine, direct: flags.direct, blockdev, read_only, len: AtomicU64::new(len), nowait_write_refusals: AtomicU32::new(0), inline: InlineWrites::new(), align, mem_align };
+        let io_files = Box::new(std::array::from_fn(|_| OnceLock::new()));
+        let d = FileDriver { file, io_files, filename: opts.filename.clone(), engine, direct: flags.direct, blockdev, read_only, len: AtomicU64::new(len), nowait_write_refusals: AtomicU32::new(0), inline: InlineWrites::new(), align, mem_align };
         Ok((d, read_only))
     }
 
     fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+
+    /// The descriptor this thread reads and writes through: its own open
+    /// file description of the file, opened on its first request.
+    ///
+    /// Every read or write syscall takes and drops a reference to the
+    /// `struct file` it names, an atomic on that structure's cache line. With
+    /// one descriptor for all queue threads, that line moves between their
+    /// CPUs on every request (with two queues on two CPUs, `fdget` and
+    /// `fput` took 4.5 % of the backend's CPU against 2.1 % with one queue);
+    /// with one description per thread it stays in the thread's cache. The
+    /// page cache, locks and size belong to the inode and are shared as
+    /// before; the image's OFD locks stay on `file`, which also serves
+    /// flushes, so a write-back error is reported once, as with one
+    /// descriptor.
+    fn io_fd(&self) -> RawFd {
+        match self.io_files[shard::index()].get_or_init(|| reopen(&self.file)) {
+            Some(f) => f.as_raw_fd(),
+            None => self.fd(),
+        }
     }
 
     async fn rw(&self, write: bool, offset: u64, buf: &IoVecs, fua: bool) -> BlockResult<()> {
@@ -303,18 +329,23 @@ impl FileDriver {
         if write && self.nowait_write_refusals.load(Ordering::Relaxed) >= NOWAIT_WRITE_GIVE_UP {
             return self.try_inline_write(off, buf);
         }
+        let fd = self.io_fd();
         // SAFETY: the iovecs describe buffers valid for reads and writes for
         // the duration of the request (the caller's contract for `buf`).
         let n = unsafe {
             if write {
-                libc::pwritev2(self.fd(), iov.as_ptr(), iov.len() as i32, off, libc::RWF_NOWAIT)
+                libc::pwritev2(fd, iov.as_ptr(), iov.len() as i32, off, libc::RWF_NOWAIT)
             } else {
-                libc::preadv2(self.fd(), iov.as_ptr(), iov.len() as i32, off, libc::RWF_NOWAIT)
+                libc::preadv2(fd, iov.as_ptr(), iov.len() as i32, off, libc::RWF_NOWAIT)
             }
         };
         if write {
             if n > 0 {
-                self.nowait_write_refusals.store(0, Ordering::Relaxed);
+                // Only a change is stored: a store takes the line from every
+                // other queue's cache even when the value stays 0.
+                if self.nowait_write_refusals.load(Ordering::Relaxed) != 0 {
+                    self.nowait_write_refusals.store(0, Ordering::Relaxed);
+                }
             } else {
                 self.nowait_write_refusals.fetch_add(1, Ordering::Relaxed);
             }
@@ -334,14 +365,15 @@ impl FileDriver {
             return 0;
         }
         let iov = buf.as_iovecs();
+        let fd = self.io_fd();
         // SAFETY: as in `try_nowait`: the iovecs describe buffers valid for
         // the duration of the request, and the call returns before we do.
         // One segment (the usual 4k write) goes through `pwrite`, which
         // spares the kernel importing an iovec array.
         let n = unsafe {
             match iov {
-                [one] => libc::pwrite(self.fd(), one.iov_base, one.iov_len, off),
-                _ => libc::pwritev(self.fd(), iov.as_ptr(), iov.len() as i32, off),
+                [one] => libc::pwrite(fd, one.iov_base, one.iov_len, off),
+                _ => libc::pwritev(fd, iov.as_ptr(), iov.len() as i32, off),
             }
         };
         self.inline.finished(start, coarse_ms());
@@ -360,7 +392,7 @@ impl FileDriver {
         // SAFETY: `iov` (and `rest`, which owns it when sliced) and the
         // buffers it describes outlive the op: the op is awaited right here,
         // and dropping it waits for the completion.
-        let op = unsafe { Op::rw_borrowed(self.fd(), write, iov.as_ptr(), iov.len() as u32, offset, flags) };
+        let op = unsafe { Op::rw_borrowed(self.io_fd(), write, iov.as_ptr(), iov.len() as u32, offset, flags) };
         let res = if large && !self.direct { op.force_async().await } else { op.await };
         usize::try_from(res).map_err(|_| -res)
     }
@@ -480,6 +512,43 @@ fn open_file(path: &str, flags: OpenFlags) -> Result<(File, bool), String> {
             Err(format!("Could not open '{path}': the file system does not support O_DIRECT (cache.direct=on)"))
         }
         Err(e) => Err(os_err(&e, "open", path)),
+    }
+}
+
+/// Opens `file` again through `/proc/self/fd`: a new open file description
+/// of the same inode (even if the file was renamed or unlinked since), with
+/// the same access mode and `O_DIRECT`/`O_SYNC`/`O_DSYNC`/`O_NOATIME`. `None`
+/// (logged) when that fails or reaches another file; the caller then uses
+/// `file` itself.
+fn reopen(file: &File) -> Option<File> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL on an fd we own.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if fl < 0 {
+        log::debug!("cannot read the flags of fd {fd}: {}", io::Error::last_os_error());
+        return None;
+    }
+    let keep = libc::O_ACCMODE | libc::O_DIRECT | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME;
+    let path = format!("/proc/self/fd/{fd}");
+    let again = OpenOptions::new()
+        .read(true)
+        .write(fl & libc::O_ACCMODE != libc::O_RDONLY)
+        .custom_flags((fl & keep & !libc::O_ACCMODE) | libc::O_NOCTTY)
+        .open(&path);
+    let again = match again {
+        Ok(f) => f,
+        Err(e) => {
+            log::debug!("cannot reopen {path}: {e}; this thread shares the first descriptor");
+            return None;
+        }
+    };
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), again.metadata()) {
+        (Ok(a), Ok(b)) if a.dev() == b.dev() && a.ino() == b.ino() => Some(again),
+        _ => {
+            log::debug!("{path} reopened another file; this thread shares the first descriptor");
+            None
+        }
     }
 }
 
@@ -878,6 +947,93 @@ mod tests {
         assert!(data[600 << 10..(600 << 10) + 4096].iter().all(|&b| b == 0));
         assert_eq!(data[(600 << 10) + 4096], 0xaa);
         assert_eq!(data.len(), 2 << 20);
+    }
+
+    fn fl(fd: RawFd) -> i32 {
+        // SAFETY: F_GETFL on a descriptor the test holds open.
+        unsafe { libc::fcntl(fd, libc::F_GETFL) }
+    }
+
+    #[test]
+    fn each_thread_reads_and_writes_through_its_own_description() {
+        let img = image(1 << 20);
+        let opts = FileOptions { filename: img.path().to_string_lossy().into(), aio: Aio::IoUring, locking: Locking::On };
+        let (d, _) = FileDriver::open(&opts, OpenFlags::default()).unwrap();
+        // Unlinked after opening: the reopen must still reach this inode.
+        let path = img.path().to_path_buf();
+        drop(img);
+        assert!(!path.exists());
+        let fds: Vec<RawFd> = std::thread::scope(|s| {
+            let t: Vec<_> = (0..2).map(|_| s.spawn(|| (d.io_fd(), d.io_fd()))).collect();
+            t.into_iter().map(|h| h.join().unwrap()).map(|(a, b)| { assert_eq!(a, b, "a thread keeps its descriptor"); a }).collect()
+        });
+        assert_ne!(fds[0], fds[1]);
+        let ino = |fd: RawFd| {
+            use std::os::unix::fs::MetadataExt;
+            // SAFETY: borrowed for the call; the driver keeps `fd` open.
+            let f = std::mem::ManuallyDrop::new(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+            let m = f.metadata().unwrap();
+            (m.dev(), m.ino())
+        };
+        for &fd in &fds {
+            assert_ne!(fd, d.fd());
+            assert_eq!(ino(fd), ino(d.fd()), "the same file");
+            assert_eq!(fl(fd) & libc::O_ACCMODE, libc::O_RDWR);
+        }
+        // Separate open file descriptions (not dup()s): their offsets differ.
+        // SAFETY: lseek on descriptors the driver holds open.
+        unsafe {
+            assert_eq!(libc::lseek(fds[0], 12345, libc::SEEK_SET), 12345);
+            assert_eq!(libc::lseek(fds[1], 0, libc::SEEK_CUR), 0);
+            assert_eq!(libc::lseek(d.fd(), 0, libc::SEEK_CUR), 0);
+        }
+        // What one thread writes, another reads, and both see the same file.
+        let node = BlockNode::new("f".into(), false, Box::new(d), NodeOptions::default());
+        let n2 = node.clone();
+        std::thread::spawn(move || {
+            block_on(async move {
+                let mut w = vec![0x5au8; 8192];
+                let mut wv = IoVecs::new();
+                // SAFETY: `w` outlives the request.
+                unsafe { wv.push_raw(w.as_mut_ptr(), w.len()) };
+                n2.write(4096, &wv, WriteFlags::default()).await.unwrap();
+            })
+            .unwrap()
+        })
+        .join()
+        .unwrap();
+        block_on(async move {
+            let mut r = vec![0u8; 16384];
+            let mut rv = IoVecs::new();
+            // SAFETY: `r` outlives the request.
+            unsafe { rv.push_raw(r.as_mut_ptr(), r.len()) };
+            node.read(0, &rv).await.unwrap();
+            assert!(r[..4096].iter().all(|&b| b == 0));
+            assert!(r[4096..12288].iter().all(|&b| b == 0x5a));
+            assert!(r[12288..].iter().all(|&b| b == 0));
+            node.flush().await.unwrap();
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn reopened_descriptions_keep_read_only_and_direct() {
+        let img = image(1 << 20);
+        let opts = FileOptions { filename: img.path().to_string_lossy().into(), aio: Aio::IoUring, locking: Locking::Off };
+        let (ro, _) = FileDriver::open(&opts, OpenFlags { read_only: true, ..Default::default() }).unwrap();
+        let fd = std::thread::scope(|s| s.spawn(|| ro.io_fd()).join().unwrap());
+        assert_ne!(fd, ro.fd());
+        assert_eq!(fl(fd) & libc::O_ACCMODE, libc::O_RDONLY);
+        assert_eq!(fl(fd) & libc::O_DIRECT, 0);
+        // /tmp may be tmpfs without O_DIRECT support: skip only that part.
+        let Ok((direct, _)) = FileDriver::open(&opts, OpenFlags { direct: true, ..Default::default() }) else {
+            eprintln!("O_DIRECT unsupported on the temp dir; skipped");
+            return;
+        };
+        let fd = std::thread::scope(|s| s.spawn(|| direct.io_fd()).join().unwrap());
+        assert_ne!(fd, direct.fd());
+        assert_eq!(fl(fd) & libc::O_DIRECT, libc::O_DIRECT);
+        assert_eq!(fl(fd) & libc::O_ACCMODE, libc::O_RDWR);
     }
 
     #[test]
