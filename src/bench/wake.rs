@@ -80,6 +80,35 @@ impl PingPong {
     pub fn max_iops_per_cpu_s(&self, iodepth: u32) -> f64 {
         f64::from(iodepth) / (self.server_cpu_us * 1e-6)
     }
+
+    /// The most IOPS per backend CPU-second any backend can reach while it
+    /// serves `iops` to a client that sleeps until it is signalled, doing
+    /// no work per request, whether it sleeps after a batch or stays awake
+    /// for the next one; `None` when no backend can serve `iops` at all.
+    ///
+    /// The client wakes at most once per batch of `iodepth` requests, and a
+    /// wake-up takes half a round trip each way. A batch after which the
+    /// backend sleeps takes a whole round trip of wall time and costs the
+    /// backend one wake-up of CPU ([`Self::server_cpu_us`]); a batch it stays
+    /// awake for takes at least the client's half and costs the backend all
+    /// of that time on the CPU. Serving `iops` caps the share of sleeping
+    /// batches; the best backend sleeps as often as that allows when its
+    /// wake-up is the cheaper of the two, and never otherwise.
+    pub fn max_iops_per_cpu_s_serving(&self, iodepth: u32, iops: f64) -> Option<f64> {
+        let b = f64::from(iodepth);
+        let half = self.round_trip_us / 2.0;
+        if half.is_nan() || half <= 0.0 || iops.is_nan() || iops <= 0.0 {
+            return None;
+        }
+        // Average batch time half·(1 + f) must not exceed b / iops.
+        let f_max = 2.0 * b / (iops * 1e-6 * self.round_trip_us) - 1.0;
+        if f_max < 0.0 {
+            return None;
+        }
+        let f = if self.server_cpu_us < half { f_max.min(1.0) } else { 0.0 };
+        let cpu_us = f * self.server_cpu_us + (1.0 - f) * half;
+        Some(b / (cpu_us * 1e-6))
+    }
 }
 
 /// Samples per placement: the probe reports the sample with the median
@@ -309,6 +338,25 @@ mod tests {
         }
         // The bounds follow from the figures.
         assert!((same.max_iops(32) - 32.0 / (same.round_trip_us * 1e-6)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_backend_serving_more_than_a_sleeper_can_pays_for_staying_awake() {
+        let p = |rt: f64, cpu: f64| PingPong { client_cpu: 0, server_cpu: 1, round_trips: 1, round_trip_us: rt, server_cpu_us: cpu, client_cpu_us: cpu };
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1.0);
+        // Run R's probe: 45.6 µs round trips, 16.0 µs per wake-up. QSD's
+        // 880k IOPS leave at most 59.5 % of batches to end in a sleep.
+        let r = p(45.6, 16.0);
+        let f = 2.0 * 32.0 / (0.880 * 45.6) - 1.0;
+        assert!(close(r.max_iops_per_cpu_s_serving(32, 880e3), 32e6 / (f * 16.0 + (1.0 - f) * 22.8)));
+        assert!(r.max_iops_per_cpu_s_serving(32, 880e3).is_some_and(|e| e < 1.79e6 && e > 1.6e6));
+        // Slow enough to sleep after every batch: the sleeper's own bound.
+        assert!(close(r.max_iops_per_cpu_s_serving(32, 600e3), r.max_iops_per_cpu_s(32)));
+        // Faster than one client wake-up per batch allows: nobody can.
+        assert_eq!(r.max_iops_per_cpu_s_serving(32, 32e6 / 22.0), None);
+        // A wake-up dearer than waiting: staying awake is the best.
+        assert!(close(p(40.0, 30.0).max_iops_per_cpu_s_serving(32, 500e3), 32e6 / 20.0));
+        assert_eq!(p(0.0, 1.0).max_iops_per_cpu_s_serving(32, 1.0), None);
     }
 
     #[test]

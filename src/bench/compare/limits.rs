@@ -225,4 +225,34 @@ fn null_bounds(s: &mut String, p: &crate::bench::wake::PingPong, iodepth: u32, b
         qz = opt(q.sleeps_per_kreq),
         qus = q.cpu.map_or(0.0, |c| c / q.iops.max(1.0) * 1e6),
     );
+    let Some(target) = q.iops_per_cpu.map(|e| 2.0 * e) else { return };
+    if q.iops > p.max_iops(iodepth) {
+        let _ = writeln!(s, "{}", mix_line(p, iodepth, q.iops, target));
+    }
+}
+
+/// Whether any backend, sleeping after some batches and staying awake for
+/// the others, could meet both `null` targets (QSD's `iops`, `target` IOPS
+/// per CPU-s) on this machine's wake-up figures.
+fn mix_line(p: &crate::bench::wake::PingPong, iodepth: u32, iops: f64, target: f64) -> String {
+    let half = p.round_trip_us / 2.0;
+    match p.max_iops_per_cpu_s_serving(iodepth, iops) {
+        None => format!(
+            "Even a backend that never sleeps cannot serve {} IOPS here: the client wakes at most once per batch, \
+             half a round trip ({half:.1} µs) each time, which allows {} IOPS.",
+            num(iops),
+            num(f64::from(iodepth) / (half * 1e-6)),
+        ),
+        Some(best) => format!(
+            "Serving QSD's {} IOPS is more than a backend that sleeps after every batch can do, so some batches must \
+             find it awake, and staying awake through the client's wake-up (half a round trip, {half:.1} µs) costs it \
+             that time on the CPU: the best mix of sleeping and staying awake, with no work per request, reaches {} \
+             IOPS per CPU-s at that rate, {} the {} the target asks for{}.",
+            num(iops),
+            num(best),
+            if best < target { "below" } else { "not below" },
+            num(target),
+            if best < target { ": on this machine no backend meets both `null` targets with a sleeping client" } else { "" },
+        ),
+    }
 }

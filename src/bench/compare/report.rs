@@ -490,7 +490,7 @@ fn method_section(s: &mut String, out: &CompareOutput) {
     if !nbd.is_empty() {
         let _ = writeln!(
             s,
-            "- {} reach the same image through an NBD export on the same socket path instead, driven by              `qemu-img bench` (QEMU's NBD client, one connection; `blkstack bench --nbd`): sequential requests              wrapping at the image's end, a calibration run sized to the ramp, then one run sized to the measured              time; figures over that run's whole life (start-up and handshake included). It reports no latency,              and CH has no NBD server. Not targets of the issue.",
+            "- {} reach the same image through an NBD export on the same socket path instead, driven by `qemu-img bench` (QEMU's NBD client, one connection; `blkstack bench --nbd`): sequential requests wrapping at the image's end, a calibration run sized to the ramp, then one run sized to the measured time; figures over that run's whole life (start-up and handshake included). It reports no latency, and CH has no NBD server. Not targets of the issue.",
             nbd.join(", ")
         );
     }

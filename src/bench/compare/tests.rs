@@ -384,6 +384,11 @@ fn only_a_backend_that_sleeps_per_batch_can_contradict_the_probe() {
     set(&mut out, "qsd", 700.0);
     let md = report::markdown(&out, &report::Links::default());
     assert!(!md.contains("was disturbed") && md.contains("What bounds the `null` row"), "{md}");
+    // QSD's 700k is over the sleeper's 500k: at most 42.9 % of batches may
+    // end in a sleep, so at best 20 × 0.429 + 32 × 0.571 = 26.9 µs of CPU
+    // per 32 requests, 1.19M IOPS per CPU-s against 2 × 722k.
+    assert!(md.contains("reaches 1191k IOPS per CPU-s at that rate, below the 1443k"), "{md}");
+    assert!(md.contains("no backend meets both `null` targets"), "{md}");
     set(&mut out, "qsd", 700_000.0 / 32.0);
     let md = report::markdown(&out, &report::Links::default());
     assert!(md.contains("was disturbed") && md.contains("QSD aio=io_uring's 700k IOPS in `null`"), "{md}");
