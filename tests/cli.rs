@@ -134,21 +134,21 @@ fn bench_subcommand_runs_the_bench_program() {
     assert!(err.contains("sideways"), "{err}");
 }
 
-#[test]
-fn sigterm_drains_flushes_and_exits_zero() {
-    let dir = scratch("cli-term");
-    let img = image(&dir, "disk.img", 8 << 20);
-    let sock = dir.join("v.sock");
-    let pidfile = dir.join("p.pid");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_blkstack"))
-        .args(["serve", "--blockdev", &format!("driver=file,node-name=f0,filename={}", img.display())])
-        .args(["--export", &vhost_export(&sock, "f0", "writable=on")])
+/// `blkstack serve` of `img` over vhost-user-blk at `sock`, writing `pidfile`.
+fn serve_cmd(img: &Path, sock: &Path, pidfile: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_blkstack"));
+    cmd.args(["serve", "--blockdev", &format!("driver=file,node-name=f0,filename={}", img.display())])
+        .args(["--export", &vhost_export(sock, "f0", "writable=on")])
         .arg("--pidfile")
-        .arg(&pidfile)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn");
-    // The pidfile is written once every export is listening.
+        .arg(pidfile)
+        .stderr(std::process::Stdio::null());
+    cmd
+}
+
+/// Spawns `cmd` and waits until it has written `pidfile`, which `serve`
+/// does once every export is listening.
+fn spawn_serving(cmd: &mut Command, pidfile: &Path) -> std::process::Child {
+    let mut child = cmd.spawn().expect("spawn");
     let mut waited = 0;
     while !pidfile.exists() {
         assert!(waited < 2000, "blkstack did not come up");
@@ -156,6 +156,16 @@ fn sigterm_drains_flushes_and_exits_zero() {
         std::thread::sleep(std::time::Duration::from_millis(5));
         waited += 1;
     }
+    child
+}
+
+#[test]
+fn sigterm_drains_flushes_and_exits_zero() {
+    let dir = scratch("cli-term");
+    let img = image(&dir, "disk.img", 8 << 20);
+    let sock = dir.join("v.sock");
+    let pidfile = dir.join("p.pid");
+    let mut child = spawn_serving(&mut serve_cmd(&img, &sock, &pidfile), &pidfile);
     let mut c = connect(&sock, 1, 1 << 20);
     assert_eq!(c.write_pattern(0, 65536, 0x6c), 0);
     drop(c);
@@ -166,4 +176,42 @@ fn sigterm_drains_flushes_and_exits_zero() {
     assert!(!pidfile.exists(), "pidfile left behind");
     let data = std::fs::read(&img).expect("image");
     assert!(data[..65536].iter().all(|&b| b == 0x6c));
+}
+
+/// `serve` raises its soft open-file limit to the hard one: every queue
+/// holds several descriptors, and 1024 is soon spent.
+#[test]
+fn serve_raises_the_open_file_soft_limit() {
+    use std::os::unix::process::CommandExt;
+    let dir = scratch("cli-nofile");
+    let img = image(&dir, "disk.img", 1 << 20);
+    let sock = dir.join("v.sock");
+    let pidfile = dir.join("p.pid");
+    let mut cmd = serve_cmd(&img, &sock, &pidfile);
+    // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            lim.rlim_cur = 256.min(lim.rlim_max);
+            lim.rlim_max = lim.rlim_max.min(4096);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = spawn_serving(&mut cmd, &pidfile);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).expect("limits");
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("open files line").to_string();
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+    let nums: Vec<&str> = line.split_whitespace().filter(|w| w.chars().all(|c| c.is_ascii_digit())).collect();
+    assert_eq!(nums.len(), 2, "{line}");
+    assert_eq!(nums[0], nums[1], "soft limit not raised to the hard one: {line}");
+    let mut own = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct we pass.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) }, 0);
+    assert_eq!(nums[1].parse::<u64>().expect("number"), own.rlim_max.min(4096), "{line}");
 }

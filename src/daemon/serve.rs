@@ -22,6 +22,7 @@ use crate::qmp::Server as Monitor;
 /// Runs `blkstack serve`. Returns when the daemon has shut down.
 pub fn serve(args: ServeArgs) -> Result<(), String> {
     let cfg = ServeConfig::from_args(&args)?;
+    raise_nofile();
     let report = if cfg.daemonize { Some(daemonize()?) } else { None };
     let signals = block_signals().map_err(|e| format!("cannot set up signal handling: {e}"));
     let started = signals.and_then(|sfd| start(&cfg).map(|s| (sfd, s)));
@@ -196,6 +197,31 @@ fn write_pidfile(path: &Path) -> Result<PathBuf, String> {
 }
 
 /// Tells systemd (Type=notify) about our state, if it asked.
+/// Raises the soft limit on open files to the hard limit (at most 2^20).
+///
+/// Every export holds several descriptors per queue (kick and call
+/// eventfds, the queue thread's epoll, io_uring and wake fds) and every
+/// `file` node one more per thread that reads it, so a daemon serving a few
+/// dozen multi-queue exports passes the soft limit of 1024 that systemd and
+/// most shells set; nothing here uses `select(2)`, which is why that limit
+/// exists. A limit that cannot be raised is left as it is (logged).
+fn raise_nofile() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let want = lim.rlim_max.min(1 << 20);
+    if lim.rlim_cur >= want {
+        return;
+    }
+    let new = libc::rlimit { rlim_cur: want, rlim_max: lim.rlim_max };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
+        log::warn!("cannot raise the open-file limit from {} to {want}: {}", lim.rlim_cur, std::io::Error::last_os_error());
+    }
+}
+
 fn sd_notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
     let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };

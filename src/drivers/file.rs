@@ -542,6 +542,10 @@ fn reopen(file: &File) -> Option<File> {
             return None;
         }
     };
+    if !within_half_of_the_fd_limit(again.as_raw_fd()) {
+        log::debug!("{path} reopened as fd {}, past half the open-file limit: this thread shares the first descriptor", again.as_raw_fd());
+        return None;
+    }
     use std::os::unix::fs::MetadataExt;
     match (file.metadata(), again.metadata()) {
         (Ok(a), Ok(b)) if a.dev() == b.dev() && a.ino() == b.ino() => Some(again),
@@ -550,6 +554,20 @@ fn reopen(file: &File) -> Option<File> {
             None
         }
     }
+}
+
+/// Whether `fd` lies in the lower half of the soft open-file limit: the
+/// per-thread descriptors only save CPU, so they never take the last
+/// descriptors that opening another image or accepting a client needs.
+fn within_half_of_the_fd_limit(fd: RawFd) -> bool {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct we pass.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 { lim.rlim_cur } else { 0 };
+    fd_below_half(fd, soft)
+}
+
+fn fd_below_half(fd: RawFd, soft_limit: u64) -> bool {
+    u64::try_from(fd).is_ok_and(|fd| fd < soft_limit / 2)
 }
 
 fn blockdev_size(fd: RawFd) -> io::Result<u64> {
@@ -1014,6 +1032,16 @@ mod tests {
             node.flush().await.unwrap();
         })
         .unwrap();
+    }
+
+    #[test]
+    fn per_thread_descriptors_keep_to_the_lower_half_of_the_fd_limit() {
+        assert!(fd_below_half(10, 1024));
+        assert!(fd_below_half(511, 1024));
+        assert!(!fd_below_half(512, 1024));
+        assert!(!fd_below_half(3, 0), "an unknown limit allows none");
+        assert!(!fd_below_half(-1, 1024));
+        assert!(fd_below_half(100_000, libc::RLIM_INFINITY));
     }
 
     #[test]
