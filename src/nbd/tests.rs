@@ -744,6 +744,64 @@ fn hostile_requests_drop_only_that_client() {
     assert_eq!(reg.connections(), 0);
 }
 
+/// Random requests (any command, flag bits, offset up to u64::MAX, length
+/// up to u32::MAX; writes carry their payload when the server takes one
+/// that size) each get a simple reply with their cookie and a defined
+/// error, a successful read its data, and the connection stays in step.
+#[test]
+fn random_requests_each_get_a_defined_reply() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6e62_6472);
+    let reg = Arc::new(Registry::default());
+    let (node, _gate) = gated_node("n-rand", false);
+    open_gate(&node);
+    reg.add_export(export_cfg("disk", true), node).unwrap();
+    let (mut s, t) = connect(&reg, 1);
+    open(&mut s, "disk", false);
+    let kinds = [CMD_READ, CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS, 8, 42, u16::MAX];
+    let (mut ok, mut failed) = (0, 0);
+    for cookie in 0..1500u64 {
+        let kind = kinds[rng.gen_range(0..kinds.len())];
+        let flags: u16 = if rng.gen_bool(0.6) { 0 } else { rng.gen() };
+        let offset = match rng.gen_range(0..4) {
+            0 => rng.gen_range(0..SIZE),
+            1 => SIZE - rng.gen_range(0..8192),
+            2 => rng.gen(),
+            _ => u64::MAX - rng.gen_range(0..8192),
+        };
+        let length: u32 = match rng.gen_range(0..4) {
+            0 => 0,
+            1 => rng.gen_range(1..70_000),
+            2 => rng.gen_range(0..SIZE as u32 + 8192),
+            _ => rng.gen(),
+        };
+        if kind == CMD_WRITE && length > MAX_PAYLOAD {
+            continue; // the server drops such a client: hostile_requests_drop_only_that_client
+        }
+        let payload = if kind == CMD_WRITE { vec![cookie as u8; length as usize] } else { Vec::new() };
+        request(&mut s, kind, flags, cookie, offset, length, &payload);
+        let (err, got) = simple(&mut s);
+        assert_eq!(got, cookie, "request {cookie}: kind {kind} flags {flags:#x} offset {offset} length {length}");
+        assert!(
+            [0, EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP].contains(&err),
+            "request {cookie}: error {err} for kind {kind} flags {flags:#x} offset {offset} length {length}"
+        );
+        if err == 0 {
+            ok += 1;
+            if kind == CMD_READ {
+                read_n(&mut s, length as usize);
+            }
+        } else {
+            failed += 1;
+        }
+    }
+    assert!(ok > 100 && failed > 100, "{ok} served, {failed} refused");
+    request(&mut s, CMD_READ, 0, 7, 0, 4, &[]);
+    assert_eq!(simple(&mut s), (0, 7));
+    read_n(&mut s, 4);
+    disconnect(s, t);
+}
+
 // ---- export life cycle ---------------------------------------------------------
 
 #[test]
