@@ -157,3 +157,88 @@ fn exports_block_blockdev_del_until_deleted() {
     assert_eq!(t.run("blockdev-del", json!({"node-name": "r0"})), Ok(json!({})));
     let _ = Arc::clone(&t.b.0);
 }
+
+/// A random JSON value for a random argument: scalars of every type, the
+/// values these commands take (drivers, node names, this test's own paths),
+/// and nested objects and arrays.
+fn random_value(rng: &mut rand::rngs::StdRng, t: &T, depth: u32) -> Value {
+    use rand::Rng;
+    let words = ["null-co", "null-aio", "file", "raw", "qcow2", "vhost-user-blk", "nbd", "unix", "inet", "fd", "n0", "n1", "#block0", "e0", "e1", "", "safe", "hard", "on", "off", "unmap", "ignore", "io_uring", "threads", "native", "a\u{0}b", "4096"];
+    match rng.gen_range(0..12) {
+        0 => Value::Null,
+        1 => json!(rng.gen_bool(0.5)),
+        2 => json!([0i64, 1, -1, 512, 4096, 1 << 20, 1 << 40, i64::MAX, i64::MIN][rng.gen_range(0..9)]),
+        3 => json!([u64::MAX as f64, 1.5, -0.0, 1e300][rng.gen_range(0..4)]),
+        4 | 5 => json!(words[rng.gen_range(0..words.len())]),
+        6 => json!([t.path("a.img"), t.path("missing.img"), t.path("v0.sock"), t.path("n.sock"), t.path("")][rng.gen_range(0..5)]),
+        7 => json!("x".repeat(300)),
+        8 if depth < 3 => Value::Array((0..rng.gen_range(0..3)).map(|_| random_value(rng, t, depth + 1)).collect()),
+        _ if depth < 3 => Value::Object(random_args(rng, t, depth + 1)),
+        _ => json!(7),
+    }
+}
+
+/// Random arguments: keys these commands know, and some they do not.
+fn random_args(rng: &mut rand::rngs::StdRng, t: &T, depth: u32) -> Map<String, Value> {
+    use rand::Rng;
+    let keys = ["driver", "node-name", "file", "filename", "size", "read-only", "auto-read-only", "cache", "direct", "no-flush", "aio", "locking", "discard", "detect-zeroes", "offset", "read-zeroes", "latency-ns", "force-share", "id", "type", "addr", "path", "data", "writable", "num-queues", "queue-size", "logical-block-size", "poll-us", "device", "flat", "mode", "name", "description", "tls-creds", "max-connections", "x-junk"];
+    (0..rng.gen_range(0..6)).map(|_| (keys[rng.gen_range(0..keys.len())].to_string(), random_value(rng, t, depth))).collect()
+}
+
+/// Random calls of every command (random, partly sensible arguments, on a
+/// graph that has nodes, exports and an NBD server some of the time)
+/// answer with a result or a GenericError, never panic, and leave a daemon
+/// whose queries still answer and that shuts down.
+#[test]
+fn random_calls_answer_and_leave_a_working_daemon() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x0071_6d70);
+    let t = T::new();
+    let cmds = t.b.commands();
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..3000 {
+        let cmd = cmds[rng.gen_range(0..cmds.len())];
+        let mut args = random_args(&mut rng, &t, 0);
+        // Sensible calls now and then, so later ones meet real nodes and exports.
+        if rng.gen_bool(0.3) {
+            let node = ["n0", "n1"][rng.gen_range(0..2)];
+            let sensible = match cmd {
+                "blockdev-add" if rng.gen_bool(0.5) => json!({"driver": "null-co", "node-name": node, "size": 1 << 20}),
+                "blockdev-add" => json!({"driver": "raw", "node-name": node, "file": {"driver": "file", "filename": t.path("a.img")}}),
+                "block-export-add" if rng.gen_bool(0.5) => json!({"type": "nbd", "id": "e0", "node-name": node}),
+                "block-export-add" => json!({"type": "vhost-user-blk", "id": "e1", "node-name": node, "addr": {"type": "unix", "path": t.path("v0.sock")}}),
+                "nbd-server-start" => json!({"addr": {"type": "unix", "data": {"path": t.path("n.sock")}}}),
+                "block_resize" => json!({"node-name": node, "size": 2 << 20}),
+                "blockdev-del" => json!({"node-name": node}),
+                "block-export-del" => json!({"id": if rng.gen_bool(0.5) { "e0" } else { "e1" }}),
+                _ => json!({}),
+            };
+            let Value::Object(s) = sensible else { unreachable!() };
+            // Keep the sensible keys, with a random one added sometimes.
+            let extra = args.into_iter().next().filter(|_| rng.gen_bool(0.2));
+            args = s;
+            if let Some((k, v)) = extra {
+                args.insert(k, v);
+            }
+        }
+        match t.b.execute(cmd, args.clone()) {
+            Some(Ok(_)) => ok += 1,
+            Some(Err(e)) => {
+                assert_eq!(e.class, crate::qmp::ErrorClass::GenericError, "{cmd} {args:?}: {e}");
+                assert!(!e.desc.is_empty(), "{cmd} {args:?}");
+                refused += 1;
+            }
+            None => panic!("{cmd} is listed but not run"),
+        }
+    }
+    assert!(ok > 100 && refused > 1000, "{ok} answered, {refused} refused");
+    // The daemon still answers, and its state is whole.
+    let nodes = t.run("query-named-block-nodes", json!({})).unwrap();
+    assert!(nodes.is_array());
+    let exports = t.run("query-block-exports", json!({})).unwrap();
+    for e in exports.as_array().unwrap() {
+        let node = e["node-name"].as_str().unwrap();
+        assert!(t.names().iter().any(|n| n == node), "export {e} on a node that is gone");
+    }
+    t.b.0.shutdown();
+}
