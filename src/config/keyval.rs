@@ -107,6 +107,72 @@ mod tests {
         assert!(parse_arg("[1]", None).is_err());
     }
 
+    /// A random option tree: keys of QEMU's characters, values with commas,
+    /// equals signs, dots, spaces and non-ASCII, objects up to three deep.
+    fn random_tree(rng: &mut rand::rngs::StdRng, depth: u32) -> Map<String, Value> {
+        use rand::Rng;
+        let key_chars: Vec<char> = "abcxyz09-_".chars().collect();
+        let value_chars: Vec<char> = "ab,=. é{}\"x1".chars().collect();
+        let mut m = Map::new();
+        for _ in 0..rng.gen_range(1..4) {
+            let key: String = (0..rng.gen_range(1..4)).map(|_| key_chars[rng.gen_range(0..key_chars.len())]).collect();
+            let v = if depth < 2 && rng.gen_bool(0.3) {
+                Value::Object(random_tree(rng, depth + 1))
+            } else {
+                Value::String((0..rng.gen_range(0..6)).map(|_| value_chars[rng.gen_range(0..value_chars.len())]).collect())
+            };
+            m.insert(key, v);
+        }
+        m
+    }
+
+    /// The `key=value` form of `tree` (dotted keys, doubled commas).
+    fn render(tree: &Map<String, Value>, prefix: &str, out: &mut Vec<String>) {
+        for (k, v) in tree {
+            let key = format!("{prefix}{k}");
+            match v {
+                Value::Object(m) => render(m, &format!("{key}."), out),
+                Value::String(s) => out.push(format!("{key}={}", s.replace(',', ",,"))),
+                _ => unreachable!("the generator makes objects and strings"),
+            }
+        }
+    }
+
+    #[test]
+    fn random_option_trees_come_back_from_their_keyval_form() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b65_7976);
+        for _ in 0..2000 {
+            let tree = random_tree(&mut rng, 0);
+            let mut pairs = Vec::new();
+            render(&tree, "", &mut pairs);
+            let line = pairs.join(",");
+            assert_eq!(parse_arg(&line, None), Ok(Value::Object(tree.clone())), "{line}");
+        }
+    }
+
+    #[test]
+    fn random_junk_is_parsed_or_refused() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x6a75_6e6b);
+        let chars: Vec<char> = "a.=,{}\"[]: 1é\u{0}".chars().collect();
+        fn strings_only(v: &Value) -> bool {
+            match v {
+                Value::Object(m) => m.values().all(strings_only),
+                Value::String(_) => true,
+                _ => false,
+            }
+        }
+        for _ in 0..5000 {
+            let line: String = (0..rng.gen_range(0..24)).map(|_| chars[rng.gen_range(0..chars.len())]).collect();
+            match parse_arg(&line, if rng.gen_bool(0.3) { Some("chardev") } else { None }) {
+                Ok(v) if line.trim_start().starts_with('{') => assert!(v.is_object(), "{line:?}"),
+                Ok(v) => assert!(v.is_object() && strings_only(&v), "{line:?} -> {v}"),
+                Err(e) => assert!(!e.is_empty(), "{line:?}"),
+            }
+        }
+    }
+
     #[test]
     fn conflicts_and_junk_are_refused() {
         assert!(parse_arg("file=f0,file.driver=file", None).unwrap_err().contains("'file'"));
