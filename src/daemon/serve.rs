@@ -196,7 +196,6 @@ fn write_pidfile(path: &Path) -> Result<PathBuf, String> {
     Ok(path.to_path_buf())
 }
 
-/// Tells systemd (Type=notify) about our state, if it asked.
 /// Raises the soft limit on open files to the hard limit (at most 2^20).
 ///
 /// Every export holds several descriptors per queue (kick and call
@@ -222,6 +221,7 @@ fn raise_nofile() {
     }
 }
 
+/// Tells systemd (Type=notify) about our state, if it asked.
 fn sd_notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
     let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };

@@ -279,7 +279,8 @@ impl FileDriver {
     /// page cache, locks and size belong to the inode and are shared as
     /// before; the image's OFD locks stay on `file`, which also serves
     /// flushes, so a write-back error is reported once, as with one
-    /// descriptor.
+    /// descriptor. A thread whose reopen fails, or would take a descriptor
+    /// in the upper half of the open-file limit, uses `file`.
     fn io_fd(&self) -> RawFd {
         match self.io_files[shard::index()].get_or_init(|| reopen(&self.file)) {
             Some(f) => f.as_raw_fd(),
@@ -518,8 +519,8 @@ fn open_file(path: &str, flags: OpenFlags) -> Result<(File, bool), String> {
 /// Opens `file` again through `/proc/self/fd`: a new open file description
 /// of the same inode (even if the file was renamed or unlinked since), with
 /// the same access mode and `O_DIRECT`/`O_SYNC`/`O_DSYNC`/`O_NOATIME`. `None`
-/// (logged) when that fails or reaches another file; the caller then uses
-/// `file` itself.
+/// (logged) when that fails, reaches another file, or lands in the upper
+/// half of the open-file limit; the caller then uses `file` itself.
 fn reopen(file: &File) -> Option<File> {
     let fd = file.as_raw_fd();
     // SAFETY: F_GETFL on an fd we own.

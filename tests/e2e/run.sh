@@ -557,8 +557,8 @@ for s in "${SCENARIOS[@]}"; do
     # when the device is created, num-queues + 1 vectors, and only the
     # guest's MMIO reaches it), so an assertion there is a QEMU bug, not a
     # test result. Seen once each in many runs, both before the guest
-    # printed anything: physmem.c iotlb_to_section (against blkstack) and
-    # msix.c msix_table_mmio_write (against qemu-storage-daemon). Such a
+    # printed anything: physmem.c iotlb_to_section and msix.c
+    # msix_table_mmio_write (against qemu-storage-daemon). Such a
     # scenario runs once more.
     left=$(( BUDGET - ($(now_ms) - T_START) / 1000 ))
     if [ -n "$QEMU_INTERNAL" ] && [ "$left" -ge 30 ]; then
