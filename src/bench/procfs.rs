@@ -1,10 +1,14 @@
 //! What the benchmark reads from `/proc`: a process's CPU time and resident
-//! memory, the host's CPU times (for steal), the load average.
+//! memory, the host's CPU times (for steal), the load average, and from
+//! `/sys` how the CPUs idle (cpuidle, haltpoll) and how long they polled.
 //!
 //! Every reader returns an error string instead of panicking: the files can
 //! vanish (the backend exited) or have an unexpected shape.
 
 use std::fs;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
 
 /// Clock ticks per second for `/proc/*/stat` times.
 pub fn clock_ticks_per_second() -> u64 {
@@ -212,6 +216,78 @@ impl HostCpu {
     }
 }
 
+/// Where the kernel describes CPU idling.
+const CPU_SYSFS: &str = "/sys/devices/system/cpu";
+/// The haltpoll governor's poll limit, in ns (0: an idle vCPU halts at once).
+const HALT_POLL_NS: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
+
+/// Microseconds the CPUs under `root` (`cpuN/cpuidle/stateM/`) spent in
+/// cpuidle's polling state (`POLL`), summed over CPUs. The idle loop spins
+/// there before it halts; the kernel counts that as idle time, so it is in
+/// no process's CPU time and in no busy figure. 0 where the CPUs have
+/// cpuidle but no polling state; an error where there is no cpuidle at all.
+pub fn idle_poll_us_in(root: &Path) -> Result<u64, String> {
+    let cpus = fs::read_dir(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let mut seen = false;
+    let mut total = 0u64;
+    for cpu in cpus.flatten() {
+        let name = cpu.file_name();
+        let name = name.to_string_lossy();
+        if !name.strip_prefix("cpu").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
+            continue;
+        }
+        let Ok(states) = fs::read_dir(cpu.path().join("cpuidle")) else { continue };
+        seen = true;
+        for st in states.flatten() {
+            let dir = st.path();
+            if fs::read_to_string(dir.join("name")).is_ok_and(|n| n.trim() == "POLL") {
+                let t = fs::read_to_string(dir.join("time")).map_err(|e| format!("{}: {e}", dir.display()))?;
+                total += t.trim().parse::<u64>().map_err(|e| format!("{}/time '{}': {e}", dir.display(), t.trim()))?;
+            }
+        }
+    }
+    if seen {
+        Ok(total)
+    } else {
+        Err("no cpuidle states".into())
+    }
+}
+
+/// [`idle_poll_us_in`] for this machine's CPUs.
+pub fn idle_poll_us() -> Result<u64, String> {
+    idle_poll_us_in(Path::new(CPU_SYSFS))
+}
+
+/// How this machine's CPUs idle, which decides what waking a sleeping
+/// thread on another CPU costs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdleConfig {
+    /// The cpuidle driver (`haltpoll` in a KVM guest that has it).
+    pub driver: Option<String>,
+    /// The cpuidle governor.
+    pub governor: Option<String>,
+    /// haltpoll's `guest_halt_poll_ns`: how long an idle vCPU polls before
+    /// it halts (the kernel's default is 200000; 0 halts at once).
+    pub guest_halt_poll_ns: Option<u64>,
+}
+
+impl IdleConfig {
+    /// Reads it from `/sys`; what is absent stays `None`.
+    pub fn read() -> IdleConfig {
+        let text = |p: &str| fs::read_to_string(p).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
+        IdleConfig {
+            driver: text(&format!("{CPU_SYSFS}/cpuidle/current_driver")),
+            governor: text(&format!("{CPU_SYSFS}/cpuidle/current_governor")),
+            guest_halt_poll_ns: text(HALT_POLL_NS).and_then(|t| t.parse().ok()),
+        }
+    }
+
+    /// Whether an idle vCPU halts without polling first under haltpoll.
+    pub fn halts_at_once(&self) -> bool {
+        self.driver.as_deref() == Some("haltpoll") && self.guest_halt_poll_ns == Some(0)
+    }
+}
+
 /// The 1-minute load average.
 pub fn loadavg_1m() -> Result<f64, String> {
     let text = fs::read_to_string("/proc/loadavg").map_err(|e| format!("/proc/loadavg: {e}"))?;
@@ -271,6 +347,34 @@ mod tests {
         assert!(process_cpu_seconds(pid).is_ok());
         assert!(process_rss_kib(pid).map(|k| k > 0).unwrap_or(false));
         assert!(HostCpu::read().is_ok());
+    }
+
+    #[test]
+    fn idle_poll_time_sums_the_poll_states() {
+        let root = std::env::temp_dir().join(format!("blkstack-cpuidle-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let state = |cpu: &str, n: u32, name: &str, time: &str| {
+            let d = root.join(cpu).join("cpuidle").join(format!("state{n}"));
+            fs::create_dir_all(&d).expect("mkdir");
+            fs::write(d.join("name"), format!("{name}\n")).expect("name");
+            fs::write(d.join("time"), format!("{time}\n")).expect("time");
+        };
+        fs::create_dir_all(root.join("cpufreq")).expect("mkdir");
+        assert!(idle_poll_us_in(&root).is_err(), "no cpuidle at all");
+        state("cpu0", 0, "POLL", "1500");
+        state("cpu0", 1, "haltpoll idle", "999999");
+        state("cpu1", 0, "POLL", "250");
+        state("cpu1", 1, "haltpoll idle", "5");
+        // Not a CPU: ignored.
+        state("cpuidle", 0, "POLL", "7");
+        assert_eq!(idle_poll_us_in(&root), Ok(1750));
+        state("cpu1", 0, "POLL", "many");
+        assert!(idle_poll_us_in(&root).is_err());
+        let _ = fs::remove_dir_all(&root);
+        let halts = IdleConfig { driver: Some("haltpoll".into()), governor: None, guest_halt_poll_ns: Some(0) };
+        assert!(halts.halts_at_once());
+        assert!(!IdleConfig { guest_halt_poll_ns: Some(200000), ..halts.clone() }.halts_at_once());
+        assert!(!IdleConfig { driver: Some("acpi_idle".into()), ..halts }.halts_at_once());
     }
 
     #[test]

@@ -122,6 +122,11 @@ pub struct Host {
     pub loadavg_1m: Option<f64>,
     /// CPU seconds per second used by this client.
     pub client_cpu_s_per_s: Option<f64>,
+    /// CPU seconds per second the idle loops of all CPUs spent polling
+    /// (cpuidle's `POLL` state) instead of halting: CPU time the host gives,
+    /// counted as idle, so in neither the backend's nor the busy figure.
+    #[serde(default)]
+    pub idle_poll_cpus: Option<f64>,
 }
 
 /// Everything one run measured.
@@ -224,12 +229,13 @@ impl BenchResult {
         }
         let h = &self.host;
         s += &format!(
-            "  host        steal {}  busy CPUs {} of {}  load {}  client CPU {} s/s\n",
+            "  host        steal {}  busy CPUs {} of {}  load {}  client CPU {} s/s  idle-poll {} s/s\n",
             opt(h.steal_pct, 2, " %"),
             opt(h.busy_cpus, 2, ""),
             h.cpus,
             opt(h.loadavg_1m, 2, ""),
             opt(h.client_cpu_s_per_s, 2, ""),
+            opt(h.idle_poll_cpus, 2, ""),
         );
         if let Some(e) = &self.first_error {
             s += &format!("  first error {e}\n");

@@ -17,6 +17,7 @@ use super::result::{Backend, BenchResult, Host, Latency, Workload};
 pub(super) struct Snapshot {
     pub(super) at: Instant,
     pub(super) host: Result<HostCpu, String>,
+    idle_poll_us: Result<u64, String>,
     backend_cpu: Option<Result<f64, String>>,
     backend_rss_kib: Option<Result<u64, String>>,
     backend_sleeps: Option<Result<u64, String>>,
@@ -28,6 +29,7 @@ impl Snapshot {
         Snapshot {
             at: Instant::now(),
             host: HostCpu::read(),
+            idle_poll_us: procfs::idle_poll_us(),
             backend_cpu: pid.map(procfs::process_cpu_seconds),
             backend_rss_kib: pid.map(procfs::process_rss_kib),
             backend_sleeps: pid.map(procfs::process_sleeps),
@@ -298,6 +300,10 @@ pub(super) fn host_figures(start: &Snapshot, end: &Snapshot, secs: f64, client_c
         cpus: thread::available_parallelism().map_or(0, |n| n.get()),
         loadavg_1m: procfs::loadavg_1m().ok(),
         client_cpu_s_per_s: client_cpu.map(|c| c / secs),
+        idle_poll_cpus: match (&start.idle_poll_us, &end.idle_poll_us) {
+            (Ok(a), Ok(b)) if secs > 0.0 => Some(b.saturating_sub(*a) as f64 / 1e6 / secs),
+            _ => None,
+        },
     }
 }
 

@@ -17,6 +17,40 @@ fn ping_pong_line(p: &crate::bench::wake::PingPong) -> String {
     )
 }
 
+/// The kernel's default for haltpoll's `guest_halt_poll_ns`.
+const HALT_POLL_DEFAULT_NS: u64 = 200_000;
+
+/// How the CPUs idle, and how much the idle loops polled during the runs.
+pub(super) fn idle_line(s: &mut String, i: &crate::bench::procfs::IdleConfig, out: &CompareOutput) {
+    let polled: Vec<f64> = out
+        .records
+        .iter()
+        .filter_map(|r| r.result.as_ref()?.host.idle_poll_cpus)
+        .collect();
+    let mut parts = vec![format!(
+        "cpuidle driver {}, governor {}",
+        i.driver.as_deref().unwrap_or("–"),
+        i.governor.as_deref().unwrap_or("–")
+    )];
+    if let Some(ns) = i.guest_halt_poll_ns {
+        parts.push(format!("haltpoll's `guest_halt_poll_ns` {ns} (the kernel's default is {HALT_POLL_DEFAULT_NS})"));
+    }
+    let mut line = format!("- Idle CPUs: {}", parts.join(", "));
+    if i.halts_at_once() {
+        line += ": an idle vCPU halts at once, so waking a thread that sleeps on it takes the hypervisor's wake-up of a halted vCPU";
+    }
+    if let Some(max) = polled.iter().copied().reduce(f64::max) {
+        let _ = write!(
+            line,
+            "; the idle loops polled (cpuidle's `POLL` state, counted as idle by the kernel and so in no backend's CPU) \
+             median {:.2}, max {:.2} CPU-s/s during runs",
+            super::report::median(polled).unwrap_or(0.0),
+            max
+        );
+    }
+    let _ = writeln!(s, "{line}.");
+}
+
 pub(super) fn wake_lines(s: &mut String, w: &crate::bench::wake::WakeProbe) {
     let _ = writeln!(
         s,
@@ -159,7 +193,7 @@ pub(super) fn null_limits(
         pair(w.id),
         usable_probe(out, st),
     ) {
-        null_bounds(s, &p, w.iodepth, bs, q);
+        null_bounds(s, &p, w.iodepth, bs, q, out.machine.idle.as_ref());
         bounded = true;
     }
     if let Some((bs, q)) = pair("null-cpoll") {
@@ -204,7 +238,14 @@ fn against_qsd(bs: &Stats, q: &Stats) -> String {
 }
 
 /// The bounds a sleeping backend meets in the `null` row, from probe `p`.
-fn null_bounds(s: &mut String, p: &crate::bench::wake::PingPong, iodepth: u32, bs: &Stats, q: &Stats) {
+fn null_bounds(
+    s: &mut String,
+    p: &crate::bench::wake::PingPong,
+    iodepth: u32,
+    bs: &Stats,
+    q: &Stats,
+    idle: Option<&crate::bench::procfs::IdleConfig>,
+) {
     let _ = writeln!(
         s,
         "\n**What bounds the `null` row on this machine.** A backend that sleeps between batches pays, per batch of {qd}, \
@@ -225,9 +266,39 @@ fn null_bounds(s: &mut String, p: &crate::bench::wake::PingPong, iodepth: u32, b
         qz = opt(q.sleeps_per_kreq),
         qus = q.cpu.map_or(0.0, |c| c / q.iops.max(1.0) * 1e6),
     );
-    let Some(target) = q.iops_per_cpu.map(|e| 2.0 * e) else { return };
-    if q.iops > p.max_iops(iodepth) {
-        let _ = writeln!(s, "{}", mix_line(p, iodepth, q.iops, target));
+    if let Some(target) = q.iops_per_cpu.map(|e| 2.0 * e) {
+        if q.iops > p.max_iops(iodepth) {
+            let _ = writeln!(s, "{}", mix_line(p, iodepth, q.iops, target));
+        }
+    }
+    if idle.is_some_and(|i| i.halts_at_once()) {
+        let _ = writeln!(
+            s,
+            "The wake-up's cost is this VM's: its idle vCPUs halt at once (`guest_halt_poll_ns` 0), so each wake-up \
+             is the hypervisor waking a halted vCPU, on the client's side as on the backend's. With the kernel's \
+             default halt-polling ({HALT_POLL_DEFAULT_NS} ns) an idle vCPU spins briefly before it halts, and a \
+             wake-up that comes within that time finds it still running: `GUEST_HALT_POLL_NS={HALT_POLL_DEFAULT_NS} bash \
+             bench/compare.sh --only null` measures the row that way (the idle loops' polling is then shown per run, \
+             since the kernel counts it as idle)."
+        );
+    }
+    // Halt-polling spends CPU in the idle loop, where no backend's figure
+    // sees it: say what each backend's IOPS per CPU-s are with all the
+    // polling during its runs charged to it.
+    if let (Some(poll), Some(cpu)) = (bs.idle_poll.filter(|x| *x >= 0.01), bs.cpu) {
+        let charged = |x: &Stats| Some(x.iops / (x.cpu? + x.idle_poll.unwrap_or(0.0)).max(1e-9));
+        let _ = writeln!(
+            s,
+            "The idle loops polled {poll:.2} CPU-s/s during blkstack's `null` runs and {} during QSD's (counted as \
+             idle by the kernel, so in no backend's CPU figure). Charged in full to the backend that ran, blkstack's \
+             {} IOPS cost {:.2} CPU-s/s, {} IOPS per CPU-s, against QSD's {} ({}).",
+            opt(q.idle_poll),
+            num(bs.iops),
+            cpu + poll,
+            opt(charged(bs)),
+            opt(charged(q)),
+            ratio(charged(bs), charged(q)),
+        );
     }
 }
 

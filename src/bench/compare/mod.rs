@@ -150,6 +150,10 @@ pub struct Machine {
     /// What waking a thread costs here (measured before the runs).
     #[serde(default)]
     pub wake: Option<crate::bench::wake::WakeProbe>,
+    /// How the CPUs idle (cpuidle driver, haltpoll's poll limit), read
+    /// before the first run.
+    #[serde(default)]
+    pub idle: Option<super::procfs::IdleConfig>,
 }
 
 /// Everything a comparison produced (`bench/out/results.json`).
@@ -350,6 +354,7 @@ fn machine(tools: &Tools) -> Machine {
         load_before: super::procfs::loadavg_1m().unwrap_or(0.0),
         load_after: 0.0,
         wake: None,
+        idle: Some(super::procfs::IdleConfig::read()),
     }
 }
 

@@ -38,6 +38,8 @@ pub struct Stats {
     pub rss_mib: Option<f64>,
     /// Times the backend's threads went to sleep per 1000 requests.
     pub sleeps_per_kreq: Option<f64>,
+    /// CPU-s/s the idle loops spent polling (see `Host::idle_poll_cpus`).
+    pub idle_poll: Option<f64>,
     /// Host steal, %, median.
     pub steal: f64,
     /// Host steal, %, worst run.
@@ -89,6 +91,7 @@ fn stats(records: &[&RunRecord]) -> Stats {
             let z = r.backend.as_ref().and_then(|b| b.sleeps_per_s)?;
             (r.iops > 0.0).then(|| z / r.iops * 1000.0)
         }),
+        idle_poll: col(&|r| r.host.idle_poll_cpus),
         steal: median(steals.clone()).unwrap_or(0.0),
         steal_max: steals.iter().copied().fold(0.0, f64::max),
     }
@@ -456,6 +459,9 @@ fn machine_section(s: &mut String, out: &CompareOutput) {
         median(busy).unwrap_or(0.0),
         m.cpus
     );
+    if let Some(i) = &m.idle {
+        limits::idle_line(s, i, out);
+    }
     if let Some(w) = &m.wake {
         limits::wake_lines(s, w);
     }
@@ -554,16 +560,16 @@ fn all_runs(s: &mut String, out: &CompareOutput) {
         s,
         "\n<details><summary>Every run (in run order)</summary>\n"
     );
-    let _ = writeln!(s, "| round | workload | backend | IOPS | MiB/s | p50 µs | p99 µs | CPU s/s | steal % | busy CPUs | load 1 min | attempts |");
+    let _ = writeln!(s, "| round | workload | backend | IOPS | MiB/s | p50 µs | p99 µs | CPU s/s | steal % | busy CPUs | idle-poll CPUs | load 1 min | attempts |");
     let _ = writeln!(
         s,
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let warm = out.warm_up.iter().map(|r| (true, r));
     for (warm_up, r) in warm.chain(out.records.iter().map(|r| (false, r))) {
         let cells = match &r.result {
             Some(x) => format!(
-                "{} | {} | {} | {} | {} | {} | {} | {}",
+                "{} | {} | {} | {} | {} | {} | {} | {} | {}",
                 num(x.iops),
                 num(x.mib_s),
                 opt(x.workload.client.has_latency().then_some(x.lat_us.p50)),
@@ -571,9 +577,10 @@ fn all_runs(s: &mut String, out: &CompareOutput) {
                 opt(x.backend.as_ref().and_then(|b| b.cpu_s_per_s)),
                 opt(x.host.steal_pct),
                 opt(x.host.busy_cpus),
+                opt(x.host.idle_poll_cpus),
                 opt(x.host.loadavg_1m)
             ),
-            None => "failed | | | | | | |".to_string(),
+            None => "failed | | | | | | | |".to_string(),
         };
         let _ = writeln!(
             s,

@@ -408,3 +408,60 @@ fn warm_up_runs_are_shown_and_not_counted() {
     let table = |m: &str| m.split("## Method").next().map(str::to_string);
     assert_eq!(table(&before), table(&md), "the figures above the method are unchanged");
 }
+
+/// The report names how the CPUs idle; where the VM halts an idle vCPU at
+/// once it says so under the `null` bounds, and where the idle loops polled,
+/// it charges that polling to the backend that ran before comparing.
+#[test]
+fn idle_polling_is_named_and_charged() {
+    let mut out = output();
+    for r in out.records.iter_mut().filter(|r| r.workload == "null") {
+        let blk = r.backend == "blkstack";
+        let mut x = result(if blk { 1_200_000.0 } else { 600_000.0 }, 20.0, if blk { 0.6 } else { 1.0 }, 2048);
+        x.host.idle_poll_cpus = Some(if blk { 0.4 } else { 0.2 });
+        r.error = None;
+        r.result = Some(x);
+    }
+    out.machine.wake = Some(crate::bench::wake::WakeProbe {
+        cross_cpu: Some(crate::bench::wake::PingPong {
+            client_cpu: 0,
+            server_cpu: 1,
+            round_trips: 1000,
+            round_trip_us: 10.0,
+            server_cpu_us: 5.0,
+            client_cpu_us: 5.0,
+        }),
+        same_cpu: None,
+        notes: vec![],
+        taken_us: vec![10.0],
+    });
+    let halting = crate::bench::procfs::IdleConfig {
+        driver: Some("haltpoll".into()),
+        governor: Some("haltpoll".into()),
+        guest_halt_poll_ns: Some(0),
+    };
+    out.machine.idle = Some(halting.clone());
+    let md = report::markdown(&out, &report::Links::default());
+    assert!(md.contains("- Idle CPUs: cpuidle driver haltpoll, governor haltpoll, haltpoll's `guest_halt_poll_ns` 0"), "{md}");
+    assert!(md.contains("an idle vCPU halts at once"), "{md}");
+    assert!(md.contains("its idle vCPUs halt at once (`guest_halt_poll_ns` 0)"), "{md}");
+    // blkstack 1200k / (0.6 + 0.4) = 1200k per CPU-s; QSD 600k / 1.2 = 500k.
+    assert!(
+        md.contains("blkstack's 1200k IOPS cost 1.00 CPU-s/s, 1200k IOPS per CPU-s, against QSD's 500k (2.40×)"),
+        "{md}"
+    );
+    assert!(md.contains("| 0.40 |") && md.contains("idle-poll CPUs"), "{md}");
+    out.machine.idle = Some(crate::bench::procfs::IdleConfig { guest_halt_poll_ns: Some(200_000), ..halting });
+    let md = report::markdown(&out, &report::Links::default());
+    assert!(!md.contains("halts at once") && !md.contains("halt at once"), "{md}");
+    assert!(md.contains("`guest_halt_poll_ns` 200000"), "{md}");
+    // Older results have no idle figures: nothing is said or charged.
+    out.machine.idle = None;
+    for r in out.records.iter_mut() {
+        if let Some(x) = r.result.as_mut() {
+            x.host.idle_poll_cpus = None;
+        }
+    }
+    let md = report::markdown(&out, &report::Links::default());
+    assert!(!md.contains("Idle CPUs") && !md.contains("Charged in full"), "{md}");
+}
