@@ -154,6 +154,11 @@ pub struct Machine {
     /// before the first run.
     #[serde(default)]
     pub idle: Option<super::procfs::IdleConfig>,
+    /// The machine's own `guest_halt_poll_ns` when `bench/compare.sh` set
+    /// another for this comparison (`GUEST_HALT_POLL_NS`; it tells us
+    /// through `BLKSTACK_HALT_POLL_WAS`).
+    #[serde(default)]
+    pub halt_poll_was: Option<u64>,
 }
 
 /// Everything a comparison produced (`bench/out/results.json`).
@@ -355,6 +360,7 @@ fn machine(tools: &Tools) -> Machine {
         load_after: 0.0,
         wake: None,
         idle: Some(super::procfs::IdleConfig::read()),
+        halt_poll_was: std::env::var("BLKSTACK_HALT_POLL_WAS").ok().and_then(|v| v.trim().parse().ok()),
     }
 }
 

@@ -667,9 +667,17 @@ pub fn markdown(out: &CompareOutput, links: &Links) -> String {
     } else {
         format!("`blkstack bench compare {}`", links.options)
     };
+    let changed = match (out.machine.halt_poll_was, out.machine.idle.as_ref().and_then(|i| i.guest_halt_poll_ns)) {
+        (Some(was), Some(now)) if was != now => format!(
+            ", run by `GUEST_HALT_POLL_NS={now} bash bench/compare.sh`: **not the machine as configured** (its idle \
+             vCPUs {}; here they polled for up to {now} ns first)",
+            if was == 0 { "halt at once".to_string() } else { format!("poll for up to {was} ns before they halt") }
+        ),
+        _ => String::new(),
+    };
     let _ = writeln!(
         s,
-        "Written by {command}{}. Raw results: `{}`. Chart: [{}]({}).",
+        "Written by {command}{changed}{}. Raw results: `{}`. Chart: [{}]({}).",
         if out.quick {
             " in **quick mode** (not for conclusions)"
         } else {

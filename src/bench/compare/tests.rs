@@ -451,10 +451,16 @@ fn idle_polling_is_named_and_charged() {
         "{md}"
     );
     assert!(md.contains("| 0.40 |") && md.contains("idle-poll CPUs"), "{md}");
+    assert!(!md.contains("not the machine as configured"), "{md}");
     out.machine.idle = Some(crate::bench::procfs::IdleConfig { guest_halt_poll_ns: Some(200_000), ..halting });
+    out.machine.halt_poll_was = Some(0);
     let md = report::markdown(&out, &report::Links::default());
-    assert!(!md.contains("halts at once") && !md.contains("halt at once"), "{md}");
+    assert!(!md.contains("an idle vCPU halts at once") && !md.contains("halt at once (`guest_halt_poll_ns` 0)"), "{md}");
     assert!(md.contains("`guest_halt_poll_ns` 200000"), "{md}");
+    assert!(
+        md.contains("run by `GUEST_HALT_POLL_NS=200000 bash bench/compare.sh`: **not the machine as configured** (its idle vCPUs halt at once; here they polled for up to 200000 ns first)"),
+        "{md}"
+    );
     // Older results have no idle figures: nothing is said or charged.
     out.machine.idle = None;
     for r in out.records.iter_mut() {
