@@ -27,7 +27,8 @@ if [[ -n "${GUEST_HALT_POLL_NS:-}" ]]; then
     fi
     old=$(cat "$knob")
     trap 'echo "$old" > "$knob"; echo "compare.sh: guest_halt_poll_ns back to $old" >&2' EXIT
-    trap 'exit 130' INT TERM
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
     echo "$GUEST_HALT_POLL_NS" > "$knob"
     export BLKSTACK_HALT_POLL_WAS="$old"
     echo "compare.sh: guest_halt_poll_ns $old -> $GUEST_HALT_POLL_NS for this comparison" >&2
