@@ -171,6 +171,14 @@ fn data_integrity_four_queues_polling() {
     integrity(Mix { export: ",poll-us=50", unit: 8, max_units: 16, ..MIXED });
 }
 
+/// The other tests run with the default adaptive polling; these never poll,
+/// and poll with a window that grows and shrinks in big steps.
+#[test]
+fn data_integrity_four_queues_without_and_with_coarse_adaptive_polling() {
+    integrity(Mix { export: ",poll-max-ns=0", ..MIXED });
+    integrity(Mix { export: ",poll-max-ns=1000000,poll-grow=16,poll-shrink=4", unit: 8, max_units: 16, ..MIXED });
+}
+
 #[test]
 fn flush_reaches_the_backend() {
     let dir = scratch("flush");

@@ -95,6 +95,12 @@ struct VhostRaw {
     #[serde(default)]
     poll_us: Option<Num>,
     #[serde(default)]
+    poll_max_ns: Option<Num>,
+    #[serde(default)]
+    poll_grow: Option<Num>,
+    #[serde(default)]
+    poll_shrink: Option<Num>,
+    #[serde(default)]
     cpu_affinity: Option<CpuList>,
 }
 
@@ -133,6 +139,12 @@ pub struct VhostExportOptions {
     pub serial: Option<String>,
     /// Busy-poll the queue this long before sleeping (0: never).
     pub poll_us: u64,
+    /// The longest adaptive polling window (0: no adaptive polling).
+    pub poll_max_ns: u64,
+    /// Adaptive window growth factor (0: 2).
+    pub poll_grow: u64,
+    /// Adaptive window shrink divisor (0: back to 0).
+    pub poll_shrink: u64,
     /// `cpu-affinity`: queue thread i runs on CPU `cpu_affinity[i % len]`
     /// (empty: wherever the scheduler puts it).
     pub cpu_affinity: Vec<u16>,
@@ -193,6 +205,9 @@ pub fn parse_export(v: Value) -> Result<ExportOptions, String> {
         Some("vhost-user-blk") => {
             let r: VhostRaw = typed(rest, "")?;
             check_id(&r.id)?;
+            if r.poll_us.is_some() && (r.poll_max_ns.is_some() || r.poll_grow.is_some() || r.poll_shrink.is_some()) {
+                return Err("Parameter 'poll-us': a fixed polling window cannot be combined with the adaptive one (poll-max-ns, poll-grow, poll-shrink)".into());
+            }
             ExportOptions::VhostUserBlk(VhostExportOptions {
                 addr: socket_addr(r.addr, "addr.", false)?,
                 id: r.id,
@@ -203,6 +218,9 @@ pub fn parse_export(v: Value) -> Result<ExportOptions, String> {
                 queue_size: r.queue_size.map_or(256, |n| n.0),
                 serial: r.serial,
                 poll_us: r.poll_us.map_or(0, |n| n.0),
+                poll_max_ns: r.poll_max_ns.map_or(crate::vhost::config::DEFAULT_POLL_MAX_NS, |n| n.0),
+                poll_grow: r.poll_grow.map_or(0, |n| n.0),
+                poll_shrink: r.poll_shrink.map_or(0, |n| n.0),
                 cpu_affinity: r.cpu_affinity.map_or_else(Vec::new, |c| c.0),
             })
         }
@@ -333,6 +351,17 @@ mod tests {
         let v = parse_arg(r#"{"type": "vhost-user-blk", "id": "e0", "node-name": "f0", "addr": {"type": "unix", "path": "/s"}, "cpu-affinity": [2, 0]}"#, None).unwrap();
         let ExportOptions::VhostUserBlk(o) = parse_export(v).unwrap() else { panic!("wrong type") };
         assert_eq!(o.cpu_affinity, vec![2, 0]);
+        // Polling: adaptive by default, QEMU's iothread option names, or a fixed window.
+        assert_eq!((o.poll_us, o.poll_max_ns, o.poll_grow, o.poll_shrink), (0, crate::vhost::config::DEFAULT_POLL_MAX_NS, 0, 0));
+        let v = parse_arg("type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=/s,poll-max-ns=0", None).unwrap();
+        let ExportOptions::VhostUserBlk(o) = parse_export(v).unwrap() else { panic!("wrong type") };
+        assert_eq!((o.poll_us, o.poll_max_ns), (0, 0));
+        let v = parse_arg("type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=/s,poll-max-ns=100000,poll-grow=4,poll-shrink=2", None).unwrap();
+        let ExportOptions::VhostUserBlk(o) = parse_export(v).unwrap() else { panic!("wrong type") };
+        assert_eq!((o.poll_max_ns, o.poll_grow, o.poll_shrink), (100_000, 4, 2));
+        let v = parse_arg("type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=/s,poll-us=50", None).unwrap();
+        let ExportOptions::VhostUserBlk(o) = parse_export(v).unwrap() else { panic!("wrong type") };
+        assert_eq!(o.poll_us, 50);
         let v = parse_arg("type=nbd,id=n0,node-name=f0,name=disk", None).unwrap();
         let ExportOptions::Nbd(o) = parse_export(v).unwrap() else { panic!("wrong type") };
         assert_eq!((o.name.as_str(), o.writable), ("disk", false));
@@ -355,6 +384,9 @@ mod tests {
             ("id=e0,node-name=f0", "'type'"),
             ("type=nbd,node-name=f0", "'id'"),
             ("type=nbd,id=e0,node-name=f0,writable=perhaps", "'writable'"),
+            ("type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=/x,poll-us=50,poll-max-ns=1000", "'poll-us'"),
+            ("type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=/x,poll-us=50,poll-shrink=2", "'poll-us'"),
+            ("type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=/x,poll-max-ns=-1", "'poll-max-ns'"),
         ];
         for (line, want) in cases {
             let err = parse_export(parse_arg(line, None).unwrap()).unwrap_err();

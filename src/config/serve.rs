@@ -21,7 +21,7 @@ pub struct ServeArgs {
     #[arg(long = "blockdev", value_name = "OPTIONS")]
     pub blockdev: Vec<String>,
     /// An export: type=vhost-user-blk,id=ID,node-name=NODE,addr.type=unix,addr.path=PATH[,writable=on][,num-queues=N]
-    /// [,logical-block-size=512][,queue-size=256][,serial=S][,poll-us=N][,cpu-affinity=CPUS]  or  type=nbd,id=ID,node-name=NODE[,name=NAME]
+    /// [,logical-block-size=512][,queue-size=256][,serial=S][,poll-max-ns=65536][,poll-grow=0][,poll-shrink=0 | ,poll-us=N][,cpu-affinity=CPUS]  or  type=nbd,id=ID,node-name=NODE[,name=NAME]
     /// [,description=TEXT][,writable=on] (needs --nbd-server).
     #[arg(long = "export", value_name = "OPTIONS")]
     pub export: Vec<String>,

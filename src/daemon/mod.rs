@@ -163,6 +163,9 @@ impl Daemon {
                     queue_size: narrow(o.queue_size, "queue-size", u16::MAX.into())? as u16,
                     serial: o.serial.clone(),
                     poll_us: o.poll_us,
+                    poll_max_ns: o.poll_max_ns,
+                    poll_grow: o.poll_grow,
+                    poll_shrink: o.poll_shrink,
                     cpu_affinity: o.cpu_affinity.clone(),
                 };
                 cfg.validate()?;

@@ -48,6 +48,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::config::{config_slice, protocol_features, virtio_features};
 use super::device::Device;
 use super::notify::{ConfigNotifier, Unavailable};
+use super::poll::Polling;
 use super::queue::QueueCtx;
 use crate::block::stats;
 use crate::runtime::{affinity, Runtime};
@@ -246,8 +247,9 @@ impl BlkBackend {
                 }
             }
         }
-        let poll = Duration::from_micros(self.dev.cfg.poll_us);
-        let worker = Worker { rt, ctx, vring: vring.clone(), mem: self.mem.clone(), sync: sync.clone(), poll };
+        let cfg = &self.dev.cfg;
+        let poll = RefCell::new(Polling::new(cfg.poll_us, cfg.poll_max_ns, cfg.poll_grow, cfg.poll_shrink));
+        let worker = Worker { rt, ctx, vring: vring.clone(), mem: self.mem.clone(), sync: sync.clone(), poll, idle_since: Cell::new(None) };
         WORKER.with(|w| *w.borrow_mut() = Some(worker));
         HAS_WORKER.with(|h| h.set(true));
         st.phase = Phase::Running;
@@ -291,30 +293,39 @@ struct Worker {
     vring: Vring,
     mem: GuestMem,
     sync: Arc<QueueSync>,
-    poll: Duration,
+    /// How long to poll before sleeping (`poll-us` or the adaptive window).
+    poll: RefCell<Polling>,
+    /// When the thread last ran out of work (its polling window began).
+    idle_since: Cell<Option<Instant>>,
 }
 
 impl Worker {
     /// Handles one event: pops new requests on a kick, runs the runtime,
-    /// completes; then busy-polls for `poll-us` if configured. While it
-    /// polls, guest notifications stay off (the guest need not kick a queue
-    /// that is being watched); they go back on before it stops.
+    /// completes; then busy-polls for the polling window (`poll-us`, or the
+    /// adaptive one of `poll-max-ns`; see [`super::poll`]). While it polls,
+    /// guest notifications stay off (the guest need not kick a queue that
+    /// is being watched); they go back on before it stops.
     fn serve(&self, kick: bool) {
+        if let Some(since) = self.idle_since.take() {
+            self.poll.borrow_mut().woke_after(since.elapsed());
+        }
         self.serve_until_idle(kick);
         // Before sleeping: requests still in flight keep their snapshot.
         self.ctx.release_memory();
     }
 
     fn serve_until_idle(&self, kick: bool) {
-        let poll = self.poll;
+        let poll = self.poll.borrow().window();
         if poll.is_zero() {
             self.step(kick, true);
+            self.idle_since.set(self.adaptive().then(Instant::now));
             return;
         }
         let activity = self.step(kick, false);
         // A wake-up that found nothing to do and nothing in flight does not
         // start a polling period.
-        let mut deadline = if activity == 0 && self.in_flight() == 0 { Instant::now() } else { Instant::now() + poll };
+        let mut last = Instant::now();
+        let mut deadline = if activity == 0 && self.in_flight() == 0 { last } else { last + poll };
         loop {
             if Instant::now() >= deadline {
                 let more = {
@@ -322,15 +333,30 @@ impl Worker {
                     self.ctx.rearm(g.get_queue_mut(), &self.mem)
                 };
                 if !more {
+                    // The idle period began with the last activity, so the
+                    // next wake-up measures polling and sleep together.
+                    self.idle_since.set(self.adaptive().then_some(last));
                     return;
                 }
-                deadline = Instant::now() + poll;
+                last = Instant::now();
+                deadline = last + poll;
             }
-            std::hint::spin_loop();
+            // Give the CPU to any other thread that wants it: the frontend
+            // may share this CPU, and the request polled for is the one it is
+            // about to send (on one CPU with the client, spinning instead
+            // cost 17 % of `null`'s IOPS; yielding, 5 %). With nothing else
+            // runnable this returns at once.
+            // SAFETY: sched_yield takes no arguments and touches no memory.
+            unsafe { libc::sched_yield() };
             if self.step(true, false) > 0 {
-                deadline = Instant::now() + poll;
+                last = Instant::now();
+                deadline = last + poll;
             }
         }
+    }
+
+    fn adaptive(&self) -> bool {
+        matches!(*self.poll.borrow(), Polling::Adaptive(_))
     }
 
     fn in_flight(&self) -> usize {

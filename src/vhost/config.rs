@@ -25,6 +25,11 @@ pub const MAX_LOGICAL_BLOCK_SIZE: u32 = 2 << 20;
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// Longest busy-poll interval accepted, in microseconds.
 pub const MAX_POLL_US: u64 = 1_000_000;
+/// Default `poll-max-ns`. QEMU's iothreads default to 32768; on a VM whose
+/// idle vCPUs halt, a sleeping frontend's next request comes 35-60 µs after
+/// the backend went idle, so with 32768 the window never opened there, and
+/// with 65536 it catches them (`bench/README.md`, "Adaptive polling").
+pub const DEFAULT_POLL_MAX_NS: u64 = 65_536;
 /// Size of the configuration space we answer GET_CONFIG from.
 pub const CONFIG_SPACE_SIZE: usize = std::mem::size_of::<virtio_blk_config>();
 /// Offset of the write-cache-enable byte, the one field a driver may write.
@@ -49,6 +54,13 @@ pub struct VhostBlkConfig {
     pub serial: Option<String>,
     /// `poll-us`: busy-poll the rings for this long before sleeping (0 = never).
     pub poll_us: u64,
+    /// `poll-max-ns`: the longest adaptive polling window (0 = no adaptive
+    /// polling; `poll-us` takes precedence). See [`super::poll`].
+    pub poll_max_ns: u64,
+    /// `poll-grow`: factor the adaptive window grows by (0 = 2).
+    pub poll_grow: u64,
+    /// `poll-shrink`: divisor the adaptive window shrinks by (0 = back to 0).
+    pub poll_shrink: u64,
     /// `cpu-affinity`: queue i's thread is pinned to CPU
     /// `cpu_affinity[i % len]`; empty: no pinning (the default).
     pub cpu_affinity: Vec<u16>,
@@ -65,6 +77,9 @@ impl Default for VhostBlkConfig {
             queue_size: 256,
             serial: None,
             poll_us: 0,
+            poll_max_ns: DEFAULT_POLL_MAX_NS,
+            poll_grow: 0,
+            poll_shrink: 0,
             cpu_affinity: Vec::new(),
         }
     }
@@ -114,6 +129,9 @@ impl VhostBlkConfig {
         }
         if self.poll_us > MAX_POLL_US {
             return Err(format!("poll-us: {} is more than the maximum of {MAX_POLL_US}", self.poll_us));
+        }
+        if self.poll_max_ns > MAX_POLL_US * 1000 {
+            return Err(format!("poll-max-ns: {} is more than the maximum of {}", self.poll_max_ns, MAX_POLL_US * 1000));
         }
         if !self.cpu_affinity.is_empty() {
             crate::runtime::affinity::check_available(&self.cpu_affinity).map_err(|e| format!("cpu-affinity: {e}"))?;
@@ -290,6 +308,7 @@ mod tests {
         assert!(err_of(|c| c.path = PathBuf::new()).starts_with("addr.path:"));
         assert!(err_of(|c| c.path = PathBuf::from("/".repeat(200))).starts_with("addr.path:"));
         assert!(err_of(|c| c.poll_us = MAX_POLL_US + 1).starts_with("poll-us:"));
+        assert!(err_of(|c| c.poll_max_ns = MAX_POLL_US * 1000 + 1).starts_with("poll-max-ns:"));
         assert!(err_of(|c| c.cpu_affinity = vec![1023]).starts_with("cpu-affinity: CPU 1023 is not one this process may run on"));
         let c = VhostBlkConfig { cpu_affinity: vec![3, 1], ..VhostBlkConfig::default() };
         assert_eq!([0, 1, 2, 3].map(|q| c.queue_cpu(q)), [Some(3), Some(1), Some(3), Some(1)], "round robin over the list");

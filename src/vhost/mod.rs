@@ -87,6 +87,7 @@ mod backend;
 pub mod config;
 mod device;
 mod notify;
+pub mod poll;
 mod queue;
 mod ratelimit;
 pub mod request;

@@ -196,6 +196,23 @@ pub(super) fn null_limits(
         null_bounds(s, &p, w.iodepth, bs, q, out.machine.idle.as_ref());
         bounded = true;
     }
+    if let Some((bs, q)) = pair("null-adaptive") {
+        let iothread = st.get(&("null-adaptive".to_string(), "qsd-poll".to_string())).filter(|x| x.n > 0);
+        let _ = writeln!(
+            s,
+            "{}With its default adaptive polling (`null-adaptive`; the CPU it spends polling is in its CPU figure), \
+             blkstack slept {} times per 1000 requests and did {}{}.",
+            if bounded { "" } else { "\n" },
+            opt(bs.sleeps_per_kreq),
+            against_qsd(bs, q),
+            iothread.map_or(String::new(), |qp| format!(
+                "; against QSD in an iothread (QEMU's adaptive polling, which slept {} times per 1000 requests), {}",
+                opt(qp.sleeps_per_kreq),
+                against_qsd(bs, qp)
+            )),
+        );
+        bounded = true;
+    }
     if let Some((bs, q)) = pair("null-cpoll") {
         let us = |x: &Stats| x.cpu.map_or("–".into(), |c| format!("{:.2} µs", c / x.iops.max(1.0) * 1e6));
         let _ = writeln!(

@@ -65,6 +65,9 @@ pub struct BackendSpec {
     /// Backend-side polling (blkstack `poll-us`, CH `poll_queue`, QSD in an
     /// iothread, whose AioContext polls adaptively).
     pub poll: bool,
+    /// blkstack with its default, adaptive polling (`poll-max-ns`); without
+    /// this and `poll`, blkstack runs with `poll-max-ns=0` (no polling).
+    pub adaptive: bool,
 }
 
 impl BackendSpec {
@@ -91,6 +94,7 @@ impl BackendSpec {
             Engine::Ch => "CH".to_string(),
         };
         match (self.engine, self.poll) {
+            (Engine::Blkstack, false) if self.adaptive => base + " adaptive polling",
             (_, false) => base,
             (Engine::Blkstack, true) => base + " poll-us",
             (Engine::Qsd(_), true) => base + " iothread",
@@ -146,7 +150,7 @@ const M1: u64 = 1 << 20;
 fn trio(poll: bool) -> Vec<BackendSpec> {
     [Engine::Blkstack, Engine::Qsd(Aio::IoUring), Engine::Ch]
         .into_iter()
-        .map(|engine| BackendSpec { engine, poll })
+        .map(|engine| BackendSpec { engine, poll, adaptive: false })
         .collect()
 }
 
@@ -189,19 +193,23 @@ pub fn workloads() -> Vec<WorkloadSpec> {
     seq.push(BackendSpec {
         engine: Engine::Qsd(Aio::Threads),
         poll: false,
+        adaptive: false,
     });
     let direct = vec![
         BackendSpec {
             engine: Engine::Blkstack,
             poll: false,
+            adaptive: false,
         },
         BackendSpec {
             engine: Engine::Qsd(Aio::Native),
             poll: false,
+            adaptive: false,
         },
         BackendSpec {
             engine: Engine::Ch,
             poll: false,
+            adaptive: false,
         },
     ];
     // blkstack and QSD: `null-co` and NBD have no CH counterpart.
@@ -209,10 +217,12 @@ pub fn workloads() -> Vec<WorkloadSpec> {
         BackendSpec {
             engine: Engine::Blkstack,
             poll: false,
+            adaptive: false,
         },
         BackendSpec {
             engine: Engine::Qsd(Aio::IoUring),
             poll: false,
+            adaptive: false,
         },
     ];
     let null_row = wl(
@@ -237,6 +247,30 @@ pub fn workloads() -> Vec<WorkloadSpec> {
     let nbd = |id, title, rw, bs, iodepth| WorkloadSpec {
         transport: Transport::Nbd,
         ..wl(id, title, rw, bs, iodepth, 1, File, false, false, duo.clone())
+    };
+    // Each backend as it polls by default: blkstack's adaptive window, QSD's
+    // main loop (no polling) and an iothread (QEMU's adaptive polling).
+    let null_adaptive = WorkloadSpec {
+        id: "null-adaptive",
+        title: "null 4k randread QD32, polling defaults",
+        backends: vec![
+            BackendSpec {
+                engine: Engine::Blkstack,
+                poll: false,
+                adaptive: true,
+            },
+            BackendSpec {
+                engine: Engine::Qsd(Aio::IoUring),
+                poll: false,
+                adaptive: false,
+            },
+            BackendSpec {
+                engine: Engine::Qsd(Aio::IoUring),
+                poll: true,
+                adaptive: false,
+            },
+        ],
+        ..null_row.clone()
     };
     let null_client_poll = WorkloadSpec {
         id: "null-cpoll",
@@ -355,6 +389,7 @@ pub fn workloads() -> Vec<WorkloadSpec> {
             direct,
         ),
         null_row,
+        null_adaptive,
         null_client_poll,
         null_one_cpu,
         nbd("nbd-read4k", "4k read QD32 over NBD", Read, K4, 32),
@@ -491,6 +526,8 @@ pub fn backend_args(b: &BackendSpec, w: &WorkloadSpec, p: &LaunchParams) -> Vec<
                 args.push("serve".to_string());
                 if b.poll {
                     export += &format!(",poll-us={}", p.poll_us);
+                } else if !b.adaptive {
+                    export += ",poll-max-ns=0";
                 }
             } else if b.poll {
                 args.extend(["--object".to_string(), "iothread,id=io0".to_string()]);
@@ -550,6 +587,16 @@ mod tests {
         assert_eq!(nbd_uri("/s.sock"), "nbd+unix:///disk?socket=/s.sock");
         let null = ws.iter().find(|w| w.id == "null").expect("null");
         assert!(backend_args(&null.backends[0], null, &p)[2].starts_with("driver=null-co"));
+        // Polling off is explicit for blkstack (its default polls adaptively).
+        let rr32 = ws.iter().find(|w| w.id == "rr32").expect("rr32");
+        assert!(backend_args(&rr32.backends[0], rr32, &p).join(" ").ends_with(",num-queues=1,poll-max-ns=0"));
+        assert!(backend_args(&null.backends[0], null, &p).join(" ").ends_with(",poll-max-ns=0"));
+        let adaptive = ws.iter().find(|w| w.id == "null-adaptive").expect("null-adaptive");
+        let ids: Vec<String> = adaptive.backends.iter().map(BackendSpec::id).collect();
+        assert_eq!(ids, ["blkstack", "qsd", "qsd-poll"]);
+        assert!(backend_args(&adaptive.backends[0], adaptive, &p).join(" ").ends_with(",num-queues=1"));
+        assert!(backend_args(&adaptive.backends[2], adaptive, &p).join(" ").contains("iothread=io0"));
+        assert_eq!(adaptive.backends[0].title(), "blkstack adaptive polling");
         for w in &ws {
             assert!(w.backends[0].is_blkstack(), "{}", w.id);
         }

@@ -238,15 +238,30 @@ fn target_ratio(
     higher_better: bool,
     what: String,
 ) -> Target {
-    let get = |b: &str| {
-        st.get(&(wl.to_string(), b.to_string()))
-            .filter(|x| x.n > 0)
-            .and_then(field)
-    };
     let ours = if other.ends_with("-poll") {
         "blkstack-poll"
     } else {
         "blkstack"
+    };
+    target_pair(st, wl, ours, other, field, want, higher_better, what)
+}
+
+/// [`target_ratio`] with blkstack's backend id given.
+#[allow(clippy::too_many_arguments)]
+fn target_pair(
+    st: &BTreeMap<(String, String), Stats>,
+    wl: &str,
+    ours: &str,
+    other: &str,
+    field: fn(&Stats) -> Option<f64>,
+    want: f64,
+    higher_better: bool,
+    what: String,
+) -> Target {
+    let get = |b: &str| {
+        st.get(&(wl.to_string(), b.to_string()))
+            .filter(|x| x.n > 0)
+            .and_then(field)
     };
     match (get(ours), get(other)) {
         (Some(a), Some(b)) if b > 0.0 => {
@@ -342,8 +357,10 @@ pub fn targets(st: &BTreeMap<(String, String), Stats>) -> Vec<Target> {
         true,
         "O_DIRECT 4k randread QD32: IOPS ≥ QSD aio=native".into(),
     ));
-    // The issue names no client mode for `null`: the sleeping client (as in
-    // every other row) and the polling one are both judged.
+    // The issue names no client or polling mode for `null`: the sleeping
+    // client with neither backend polling (as in every other polling-off
+    // row), the polling client, and (below) each backend's polling default
+    // are all judged.
     for (wl, name) in [
         ("null", "null 4k randread QD32"),
         ("null-cpoll", "null 4k randread QD32, client polling"),
@@ -361,6 +378,33 @@ pub fn targets(st: &BTreeMap<(String, String), Stats>) -> Vec<Target> {
             st,
             wl,
             "qsd",
+            iops,
+            1.0,
+            true,
+            format!("{name}: IOPS ≥ QSD"),
+        ));
+    }
+    // Each backend's polling default: blkstack's adaptive window against
+    // QSD's main loop and against an iothread (QEMU's adaptive polling).
+    for (qsd, name) in [
+        ("qsd", "null 4k randread QD32, polling defaults (QSD main loop)"),
+        ("qsd-poll", "null 4k randread QD32, polling defaults (QSD iothread)"),
+    ] {
+        t.push(target_pair(
+            st,
+            "null-adaptive",
+            "blkstack",
+            qsd,
+            |s| s.iops_per_cpu,
+            2.0,
+            true,
+            format!("{name}: IOPS per CPU-s ≥ 2× QSD"),
+        ));
+        t.push(target_pair(
+            st,
+            "null-adaptive",
+            "blkstack",
+            qsd,
             iops,
             1.0,
             true,

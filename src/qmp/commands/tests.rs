@@ -181,7 +181,7 @@ fn random_value(rng: &mut rand::rngs::StdRng, t: &T, depth: u32) -> Value {
 /// Random arguments: keys these commands know, and some they do not.
 fn random_args(rng: &mut rand::rngs::StdRng, t: &T, depth: u32) -> Map<String, Value> {
     use rand::Rng;
-    let keys = ["driver", "node-name", "file", "filename", "size", "read-only", "auto-read-only", "cache", "direct", "no-flush", "aio", "locking", "discard", "detect-zeroes", "offset", "read-zeroes", "latency-ns", "force-share", "id", "type", "addr", "path", "data", "writable", "num-queues", "queue-size", "logical-block-size", "poll-us", "device", "flat", "mode", "name", "description", "tls-creds", "max-connections", "x-junk"];
+    let keys = ["driver", "node-name", "file", "filename", "size", "read-only", "auto-read-only", "cache", "direct", "no-flush", "aio", "locking", "discard", "detect-zeroes", "offset", "read-zeroes", "latency-ns", "force-share", "id", "type", "addr", "path", "data", "writable", "num-queues", "queue-size", "logical-block-size", "poll-us", "poll-max-ns", "poll-grow", "poll-shrink", "device", "flat", "mode", "name", "description", "tls-creds", "max-connections", "x-junk"];
     (0..rng.gen_range(0..6)).map(|_| (keys[rng.gen_range(0..keys.len())].to_string(), random_value(rng, t, depth))).collect()
 }
 
