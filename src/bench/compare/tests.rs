@@ -471,3 +471,25 @@ fn idle_polling_is_named_and_charged() {
     let md = report::markdown(&out, &report::Links::default());
     assert!(!md.contains("Idle CPUs") && !md.contains("Charged in full"), "{md}");
 }
+
+#[test]
+fn null_with_polling_defaults_is_judged_against_both_qsd_setups() {
+    let mut out = output();
+    for round in 0..3 {
+        out.records.push(rec("null-adaptive", "blkstack", round, Some(result(1_500_000.0, 20.0, 0.95, 2048))));
+        out.records.push(rec("null-adaptive", "qsd", round, Some(result(700_000.0, 40.0, 0.97, 9000))));
+        out.records.push(rec("null-adaptive", "qsd-poll", round, Some(result(800_000.0, 40.0, 1.0, 9000))));
+    }
+    out.workloads.push("null-adaptive".into());
+    let md = report::markdown(&out, &report::Links::default());
+    for line in [
+        "| null 4k randread QD32, polling defaults (QSD main loop): IOPS ≥ QSD | 1500k vs 700k = 2.14× | yes |",
+        "| null 4k randread QD32, polling defaults (QSD iothread): IOPS ≥ QSD | 1500k vs 800k = 1.88× | yes |",
+        "| null 4k randread QD32, polling defaults (QSD main loop): IOPS per CPU-s ≥ 2× QSD | 1579k vs 722k = 2.19× | yes |",
+        "| null 4k randread QD32, polling defaults (QSD iothread): IOPS per CPU-s ≥ 2× QSD | 1579k vs 800k = 1.97× | **no** |",
+        "With its default adaptive polling (`null-adaptive`",
+        "| blkstack adaptive polling | 1500k |",
+    ] {
+        assert!(md.contains(line), "missing {line:?} in\n{md}");
+    }
+}
