@@ -556,7 +556,10 @@ fn method_section(s: &mut String, out: &CompareOutput) {
     let _ = writeln!(
         s,
         "- Polling rows turn on polling in the backend only: blkstack `poll-us={}`, CH `poll_queue=true`, \
-         QSD with the export in an iothread (adaptive AioContext polling, default `poll-max-ns`).",
+         QSD with the export in an iothread (adaptive AioContext polling, default `poll-max-ns`). The other rows \
+         run without backend polling: blkstack with `poll-max-ns=0` (its default polls adaptively), CH with \
+         `poll_queue=false`, QSD in its main loop; except `null-adaptive`, which runs each backend as it polls by \
+         default: blkstack's adaptive window, QSD's main loop, and QSD with an iothread.",
         out.poll_us
     );
     let _ = writeln!(
