@@ -32,7 +32,7 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -80,6 +80,10 @@ struct QueueState {
 /// Cross-thread view of one queue.
 struct QueueSync {
     quit: EventFd,
+    /// Set with `quit`: a polling queue thread stops polling (see
+    /// [`Worker::serve_until_idle`]), so a frontend that never lets the
+    /// queue go idle cannot hold off the teardown.
+    stopping: AtomicBool,
     inflight: AtomicUsize,
     busy: AtomicBool,
     waiters: AtomicUsize,
@@ -91,6 +95,7 @@ impl QueueSync {
     fn new() -> io::Result<Self> {
         Ok(QueueSync {
             quit: EventFd::new(EFD_NONBLOCK)?,
+            stopping: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
             busy: AtomicBool::new(false),
             waiters: AtomicUsize::new(0),
@@ -184,6 +189,7 @@ impl BlkBackend {
         for (i, q) in self.queues.iter().enumerate() {
             let mut st = q.lock();
             st.closing = true;
+            q.stopping.store(true, SeqCst);
             if st.phase == Phase::Running {
                 let _ = q.quit.write(1);
             }
@@ -327,6 +333,10 @@ impl Worker {
         let mut last = Instant::now();
         let mut deadline = if activity == 0 && self.in_flight() == 0 { last } else { last + poll };
         loop {
+            if self.sync.stopping.load(Relaxed) {
+                // The quit event is waiting in epoll; it ends this worker.
+                return;
+            }
             if Instant::now() >= deadline {
                 let more = {
                     let mut g = self.vring.get_mut();

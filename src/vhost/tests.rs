@@ -851,6 +851,74 @@ fn stop_vring_waits_for_requests_in_flight() {
     backend.teardown();
 }
 
+/// A frontend that sends the next request as soon as the last completes
+/// keeps a polling queue thread busy for ever; the teardown (a disconnect,
+/// `block-export-del`, SIGTERM) still ends it.
+#[test]
+fn teardown_ends_a_queue_that_polls_a_never_idle_ring() {
+    use super::backend::Vring;
+    use std::sync::atomic::AtomicBool;
+    use vhost_user_backend::VringT;
+    use vmm_sys_util::epoll::EventSet;
+
+    let mut c = cfg(true, 512);
+    c.poll_us = crate::vhost::config::MAX_POLL_US;
+    let mut h = Harness::with(c, None);
+    let gm = h.gm.clone();
+    let vring = Vring::new(gm.clone(), QSIZE).expect("vring");
+    vring.set_queue_size(QSIZE);
+    vring.set_queue_info(h.queue.desc_table(), h.queue.avail_ring(), h.queue.used_ring()).expect("queue info");
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    let backend = Arc::new(BlkBackend::new(h.dev.clone(), gm).expect("backend"));
+    let (hd, d, s) = (h.header(T_IN, 0), h.alloc(512), h.status());
+    let head = h.chain(&[(hd, 16, false), (d, 512, true), (s, 1, true)]);
+
+    // The guest: the same request again whenever the last one completed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let guest = {
+        let (mem, stop, served) = (h.mem.clone(), stop.clone(), served.clone());
+        let (avail, used) = (h.queue.avail_ring(), h.queue.used_ring());
+        std::thread::spawn(move || {
+            while !stop.load(SeqCst) {
+                let a: u16 = mem.read_obj(GuestAddress(avail + 2)).expect("avail idx");
+                let u: u16 = mem.read_obj(GuestAddress(used + 2)).expect("used idx");
+                if a == u {
+                    served.store(u64::from(u), SeqCst);
+                    mem.write_obj(head, GuestAddress(avail + 4 + 2 * u64::from(a % QSIZE))).expect("avail ring");
+                    mem.write_obj(a.wrapping_add(1), GuestAddress(avail + 2)).expect("avail idx");
+                }
+                std::hint::spin_loop();
+            }
+        })
+    };
+    // The queue thread: the first kick, then the quit event, as epoll would
+    // deliver them.
+    let worker = {
+        let (b, v) = (backend.clone(), vring.clone());
+        std::thread::spawn(move || {
+            let vrings = [v];
+            let _ = b.handle_event(0, EventSet::IN, &vrings, 0);
+            let _ = b.handle_event(b.quit_id(), EventSet::IN, &vrings, 0);
+        })
+    };
+    while served.load(SeqCst) < 100 {
+        std::thread::yield_now();
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b = backend.clone();
+    std::thread::spawn(move || {
+        b.teardown();
+        let _ = tx.send(());
+    });
+    let ended = rx.recv_timeout(Duration::from_secs(30));
+    stop.store(true, SeqCst);
+    assert!(ended.is_ok(), "teardown did not end a queue thread that was polling a busy ring");
+    assert!(worker.join().is_ok());
+    assert!(guest.join().is_ok());
+}
+
 /// Random hostile chains (any type, sector, number, length, direction and
 /// placement of descriptors, in or out of guest memory, across the region
 /// boundary) each come back exactly once, never claim more bytes written
