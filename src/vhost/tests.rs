@@ -806,16 +806,12 @@ fn backend_offers_the_features_and_one_thread_per_queue() {
     backend.teardown();
 }
 
-#[test]
-fn stop_vring_waits_for_requests_in_flight() {
-    use super::backend::Vring;
-    use std::sync::atomic::AtomicBool;
+/// The harness's queue as a vhost-user-backend vring with a backend on it,
+/// and one 512-byte read made available: (vring, backend, head, status).
+fn live_queue(h: &mut Harness) -> (super::backend::Vring, Arc<BlkBackend>, u16, u64) {
     use vhost_user_backend::VringT;
-    use vmm_sys_util::epoll::EventSet;
-
-    let mut h = Harness::with(cfg(true, 512), Some(0));
     let gm = h.gm.clone();
-    let vring = Vring::new(gm.clone(), QSIZE).expect("vring");
+    let vring = super::backend::Vring::new(gm.clone(), QSIZE).expect("vring");
     vring.set_queue_size(QSIZE);
     vring.set_queue_info(h.queue.desc_table(), h.queue.avail_ring(), h.queue.used_ring()).expect("queue info");
     vring.set_queue_ready(true);
@@ -823,6 +819,16 @@ fn stop_vring_waits_for_requests_in_flight() {
     let backend = Arc::new(BlkBackend::new(h.dev.clone(), gm).expect("backend"));
     let (hd, d, s) = (h.header(T_IN, 0), h.alloc(512), h.status());
     let head = h.chain(&[(hd, 16, false), (d, 512, true), (s, 1, true)]);
+    (vring, backend, head, s)
+}
+
+#[test]
+fn stop_vring_waits_for_requests_in_flight() {
+    use std::sync::atomic::AtomicBool;
+    use vmm_sys_util::epoll::EventSet;
+
+    let mut h = Harness::with(cfg(true, 512), Some(0));
+    let (vring, backend, head, s) = live_queue(&mut h);
 
     // The queue thread: a kick, then wake-ups until told to quit.
     let stop = Arc::new(AtomicBool::new(false));
@@ -856,23 +862,13 @@ fn stop_vring_waits_for_requests_in_flight() {
 /// `block-export-del`, SIGTERM) still ends it.
 #[test]
 fn teardown_ends_a_queue_that_polls_a_never_idle_ring() {
-    use super::backend::Vring;
     use std::sync::atomic::AtomicBool;
-    use vhost_user_backend::VringT;
     use vmm_sys_util::epoll::EventSet;
 
     let mut c = cfg(true, 512);
     c.poll_us = crate::vhost::config::MAX_POLL_US;
     let mut h = Harness::with(c, None);
-    let gm = h.gm.clone();
-    let vring = Vring::new(gm.clone(), QSIZE).expect("vring");
-    vring.set_queue_size(QSIZE);
-    vring.set_queue_info(h.queue.desc_table(), h.queue.avail_ring(), h.queue.used_ring()).expect("queue info");
-    vring.set_queue_ready(true);
-    vring.set_enabled(true);
-    let backend = Arc::new(BlkBackend::new(h.dev.clone(), gm).expect("backend"));
-    let (hd, d, s) = (h.header(T_IN, 0), h.alloc(512), h.status());
-    let head = h.chain(&[(hd, 16, false), (d, 512, true), (s, 1, true)]);
+    let (vring, backend, head, _) = live_queue(&mut h);
 
     // The guest: the same request again whenever the last one completed.
     let stop = Arc::new(AtomicBool::new(false));
