@@ -174,6 +174,7 @@ impl QueueCtx {
         let mem = self.snapshot(gm);
         let g = self.dev.geometry();
         let mut scratch = self.scratch.borrow_mut();
+        rings.prefetch(&mem, next.0, pending);
         let mut idx = next;
         for _ in 0..pending {
             let head = rings.avail_head(idx.0);

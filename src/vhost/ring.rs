@@ -104,6 +104,34 @@ impl<'m> Rings<'m> {
         u16::from_le_bytes(b)
     }
 
+    /// Starts loading what popping the `n` chains from available slot
+    /// `idx` on will read first: their head descriptors, then the bytes
+    /// each head points at (the request header, or an indirect table).
+    /// The driver just wrote all of them on another CPU, so each is a cache
+    /// miss; asked for together they overlap instead of stalling the pop
+    /// one after the other. Only hints: nothing is read for the request
+    /// from here, and a head or address out of range is skipped.
+    pub fn prefetch(&self, mem: &GuestMemoryMmap, idx: u16, n: usize) {
+        for i in 0..n {
+            let head = self.avail_head(idx.wrapping_add(i as u16));
+            if head < self.size {
+                // SAFETY (pointer arithmetic): `head` < size, inside the table.
+                prefetch(self.desc.wrapping_add(DESC_SIZE * usize::from(head)));
+            }
+        }
+        for i in 0..n {
+            let head = self.avail_head(idx.wrapping_add(i as u16));
+            if head >= self.size {
+                continue;
+            }
+            if let Some((addr, _, _, _)) = read_desc(mem, Table::Host(self.desc), head) {
+                if let Some(p) = host_range(mem, addr, 1) {
+                    prefetch(p);
+                }
+            }
+        }
+    }
+
     /// The driver's `used_event` (EVENT_IDX).
     pub fn used_event(&self) -> u16 {
         let off = 4 + 2 * usize::from(self.size);
@@ -181,6 +209,19 @@ impl<'m> Rings<'m> {
         let (new, old, event) = (Wrapping(new), Wrapping(old), Wrapping(self.used_event()));
         new - event - Wrapping(1) < new - old
     }
+}
+
+/// A hint to load the cache line at `p` (never faults, reads nothing).
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint; it accesses no memory
+    // architecturally and cannot fault, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// Reads descriptor `index` of `table`: (addr, len, flags, next).
@@ -280,6 +321,9 @@ mod tests {
                 .map(|c| (c.head_index(), c.map(|d| (d.addr().0, d.len(), d.is_write_only())).collect()))
                 .collect();
             assert_eq!(rings.avail_idx(), size);
+            // Prefetching hostile heads and addresses (outside the table,
+            // outside memory) reads nothing it should not and changes nothing.
+            rings.prefetch(&mem, round as u16, usize::from(size) * 2);
             for (i, (head, descs)) in expected.iter().enumerate() {
                 assert_eq!(rings.avail_head(i as u16), *head, "round {round} slot {i}");
                 rings.walk(&mem, *head, &mut out);
