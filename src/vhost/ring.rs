@@ -64,7 +64,9 @@ impl<'m> Rings<'m> {
     /// ready or a ring is not in one region or misaligned.
     pub fn new(queue: &Queue, mem: &'m GuestMemoryMmap) -> Option<Rings<'m>> {
         let size = queue.size();
-        if !queue.ready() || size == 0 {
+        // virtio-queue only accepts powers of two (as the specification
+        // requires of split rings); slots are then found with a mask.
+        if !queue.ready() || !size.is_power_of_two() {
             return None;
         }
         let n = usize::from(size);
@@ -97,7 +99,7 @@ impl<'m> Rings<'m> {
 
     /// The head index in available-ring slot `idx % size`.
     pub fn avail_head(&self, idx: u16) -> u16 {
-        let slot = usize::from(idx % self.size);
+        let slot = usize::from(idx & (self.size - 1));
         // SAFETY: `4 + 2 * slot + 2 ≤ 4 + 2n`, inside the ring checked by
         // `new`; a volatile read because the driver owns the ring.
         let b = unsafe { std::ptr::read_volatile(self.avail.add(4 + 2 * slot) as *const [u8; 2]) };
@@ -181,7 +183,7 @@ impl<'m> Rings<'m> {
     /// Writes used element `idx % size`. Not visible to the driver before
     /// [`Self::publish_used`].
     pub fn put_used(&self, idx: u16, id: u16, len: u32) {
-        let slot = usize::from(idx % self.size);
+        let slot = usize::from(idx & (self.size - 1));
         let mut e = [0u8; 8];
         e[..4].copy_from_slice(&u32::from(id).to_le_bytes());
         e[4..].copy_from_slice(&len.to_le_bytes());
