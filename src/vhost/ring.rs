@@ -114,11 +114,18 @@ impl<'m> Rings<'m> {
     /// one after the other. Only hints: nothing is read for the request
     /// from here, and a head or address out of range is skipped.
     pub fn prefetch(&self, mem: &GuestMemoryMmap, idx: u16, n: usize) {
+        self.prefetch_targets(mem, idx, n, prefetch);
+    }
+
+    /// Calls `hint` with each address [`Self::prefetch`] loads: descriptor
+    /// slots inside the table first, then mapped guest bytes.
+    #[inline(always)]
+    fn prefetch_targets(&self, mem: &GuestMemoryMmap, idx: u16, n: usize, mut hint: impl FnMut(*const u8)) {
         for i in 0..n {
             let head = self.avail_head(idx.wrapping_add(i as u16));
             if head < self.size {
-                // SAFETY (pointer arithmetic): `head` < size, inside the table.
-                prefetch(self.desc.wrapping_add(DESC_SIZE * usize::from(head)));
+                // `head` < size: the slot is inside the table.
+                hint(self.desc.wrapping_add(DESC_SIZE * usize::from(head)));
             }
         }
         for i in 0..n {
@@ -128,7 +135,7 @@ impl<'m> Rings<'m> {
             }
             if let Some((addr, _, _, _)) = read_desc(mem, Table::Host(self.desc), head) {
                 if let Some(p) = host_range(mem, addr, 1) {
-                    prefetch(p);
+                    hint(p);
                 }
             }
         }
@@ -323,8 +330,23 @@ mod tests {
                 .map(|c| (c.head_index(), c.map(|d| (d.addr().0, d.len(), d.is_write_only())).collect()))
                 .collect();
             assert_eq!(rings.avail_idx(), size);
-            // Prefetching hostile heads and addresses (outside the table,
-            // outside memory) reads nothing it should not and changes nothing.
+            // What a prefetch over the whole ring would load: the slot of
+            // every head inside the table, then the first byte of every such
+            // head's buffer that is in guest memory; nothing for the others.
+            let mut hinted = Vec::new();
+            rings.prefetch_targets(&mem, 0, usize::from(size), |p| hinted.push(p as usize));
+            let table = rings.desc as usize;
+            let in_table: Vec<usize> = heads.iter().filter(|&&h| h < size).map(|&h| table + 16 * usize::from(h)).collect();
+            let in_memory: Vec<usize> = heads
+                .iter()
+                .filter(|&&h| h < size)
+                .filter_map(|&h| {
+                    let d: [u8; 16] = mem.read_obj(GuestAddress(desc + 16 * u64::from(h))).expect("desc");
+                    let addr = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
+                    vm_memory::GuestMemoryBackend::get_host_address(&mem, GuestAddress(addr)).ok().map(|p| p as usize)
+                })
+                .collect();
+            assert_eq!(hinted, [in_table, in_memory].concat(), "round {round}");
             rings.prefetch(&mem, round as u16, usize::from(size) * 2);
             for (i, (head, descs)) in expected.iter().enumerate() {
                 assert_eq!(rings.avail_head(i as u16), *head, "round {round} slot {i}");
